@@ -1,0 +1,71 @@
+"""Shared CLI plumbing: one-line errors with exit code 2 for bad input, atomic output files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from broker.errors import AllProvidersFailed, BrokerError, ConfigurationError, InvalidRequest, ProviderNotInstalled
+
+T = TypeVar("T")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run ``fn``; typed errors become one line on stderr (exit 2 for bad input), never a traceback."""
+    try:
+        return fn()
+    except InvalidRequest as exc:
+        fail(exc.message, EXIT_BAD_INPUT)
+    except (ConfigurationError, ProviderNotInstalled) as exc:
+        fail(exc.message, EXIT_BAD_INPUT)
+    except AllProvidersFailed as exc:
+        fail(exc.message, EXIT_FAILED)
+    except BrokerError as exc:
+        fail(f"{type(exc).__name__}: {exc.message}", EXIT_FAILED)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = path.expanduser()
+    if path.parent and not path.parent.exists():
+        raise InvalidRequest("output", f"directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def interactive() -> bool:
+    return err.is_terminal

@@ -1,0 +1,132 @@
+"""The real generation code, shared by the local provider and every handler.
+
+``synthesize``/``synthesize_stream``/``render`` are the three entry points. Engines
+are built once per process (cold start pays once) and torch is imported lazily.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from broker.errors import EngineUnavailable, InvalidRequest
+from broker.media import Audio, Video
+from broker.types import RenderRequest, SpeechRequest
+
+if TYPE_CHECKING:
+    from broker.engines.base import SpeechEngine
+    from broker.settings import EngineSettings
+
+SPEECH_ENGINES = ("piper", "csm")
+
+_engines: dict[str, SpeechEngine] = {}
+_lock = threading.Lock()
+_settings: EngineSettings | None = None
+_device_pref = "auto"
+
+
+def configure(settings: EngineSettings | None = None, device: str = "auto") -> None:
+    """Point the engines at voices/weights and a device; drops engines built with older settings."""
+    global _settings, _device_pref
+    with _lock:
+        _settings = settings
+        _device_pref = device
+        _engines.clear()
+
+
+def device() -> str:
+    """'cuda' when asked for or available (and torch is installed), else 'cpu'."""
+    if _device_pref in ("cpu", "cuda"):
+        return _device_pref
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _engine_settings() -> EngineSettings:
+    if _settings is not None:
+        return _settings
+    from broker.settings import EngineSettings
+
+    return EngineSettings()
+
+
+def speech_engine(name: str | None = None) -> SpeechEngine:
+    """The engine called ``name`` (default: settings' default), built and loaded once."""
+    cfg = _engine_settings()
+    name = name or cfg.default
+    if name not in SPEECH_ENGINES:
+        raise InvalidRequest("engine", f"unknown engine {name!r}; choose one of {', '.join(SPEECH_ENGINES)}")
+    with _lock:
+        engine = _engines.get(name)
+        if engine is None:
+            engine = _build(name, cfg)
+            _engines[name] = engine
+    engine.load()
+    return engine
+
+
+def _build(name: str, cfg: EngineSettings) -> SpeechEngine:
+    if name == "piper":
+        from broker.engines.piper_engine import PiperEngine
+
+        return PiperEngine(cfg.piper_voice, cfg.piper_voices, device=device())
+    if name == "csm":
+        try:
+            from broker.engines.csm_engine import CSMEngine
+        except ImportError as exc:
+            raise EngineUnavailable(f"the CSM engine needs transformers and torch: {exc}") from None
+        if not cfg.csm_path:
+            raise EngineUnavailable(
+                "the CSM engine needs local weights: set engines.csm_path (BROKER_ENGINES__CSM_PATH) "
+                "to a folder holding a transformers CsmForConditionalGeneration checkpoint"
+            )
+        return CSMEngine(cfg.csm_path, device=device())
+    raise AssertionError(name)
+
+
+def check(request: SpeechRequest | RenderRequest) -> None:
+    """Engine-level validation (speaker exists, engine available) before any work starts."""
+    if isinstance(request, SpeechRequest):
+        speech_engine(request.engine).check(request)
+    elif request.text is not None:
+        speech_engine(request.engine).check(
+            SpeechRequest(text=request.text, speaker=request.speaker, engine=request.engine)
+        )
+
+
+def synthesize(request: SpeechRequest, cancel: threading.Event | None = None) -> Audio:
+    engine = speech_engine(request.engine)
+    engine.check(request)
+    return engine.synthesize(request, cancel)
+
+
+def synthesize_stream(request: SpeechRequest, cancel: threading.Event | None = None) -> Iterator[Audio]:
+    engine = speech_engine(request.engine)
+    engine.check(request)
+    return engine.stream(request, cancel)
+
+
+def render(
+    request: RenderRequest,
+    *,
+    progress: Callable[[float], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Video:
+    """Talking-head MP4 of the request's avatar speaking its audio (synthesising ``text`` first)."""
+    from broker.engines.render import render_video
+
+    return render_video(request, progress=progress, cancel=cancel)
+
+
+def preload(names: tuple[str, ...] = ("piper",), *, render_engine: bool = True) -> None:
+    """Load engines now (handlers call this at import so only the cold start pays)."""
+    for name in names:
+        speech_engine(name)
+    if render_engine:
+        from broker.engines.render import warm_up
+
+        warm_up()

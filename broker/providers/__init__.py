@@ -1,0 +1,1 @@
+"""Providers: one module each behind the ``Provider`` interface; see ``registry``."""

@@ -1,0 +1,305 @@
+"""The one interface every provider (and the manager itself) implements.
+
+Serverless jobs queue, cold-start, run, stream, get lost and get cancelled, so the
+interface is built on a ``Job`` handle; the familiar ``generate_speech``/``render``
+calls are thin conveniences over ``submit`` + ``Job.result``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar
+
+from broker._sync import iterate_sync, run_sync
+from broker.errors import BrokerError, JobCancelled, ProviderTimeout
+from broker.media import Audio, AudioChunk, Video
+from broker.types import RenderRequest, Segment, SpeechRequest, build
+
+Request = SpeechRequest | RenderRequest
+Output = Audio | Video
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.LOST)
+
+
+@dataclass
+class Billing:
+    """What a job cost. ``estimated`` is True when we derived it from the catalog, not the provider's bill."""
+
+    billed_seconds: float = 0.0
+    cost_usd: float = 0.0
+    estimated: bool = True
+    hardware: str | None = None
+    queue_seconds: float | None = None
+    run_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    tasks: frozenset[str] = frozenset({"speech", "render"})
+    engines: frozenset[str] = frozenset({"piper"})
+    streaming: bool = False
+    #: hardware this provider runs on ("cpu", "A100-80GB", ...), used to pick price rows
+    hardware: str = "cpu"
+    #: largest request body the provider accepts, when it has a limit
+    max_payload_bytes: int | None = None
+
+    def supports(self, request: Request) -> str | None:
+        """None when the request fits; otherwise why not (shown by `broker quote`)."""
+        if request.task not in self.tasks:
+            return f"does not run {request.task} jobs"
+        engine = request.engine
+        if engine is not None and engine not in self.engines:
+            return f"does not have the {engine!r} engine"
+        return None
+
+
+@dataclass
+class HealthReport:
+    ok: bool
+    detail: str = ""
+    latency_s: float | None = None
+    #: provider-specific numbers (workers idle/running, jobs in queue, ...)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+#: poll intervals: quick at first (short jobs finish fast), then back off to spare rate limits
+POLL_SCHEDULE = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+class Job(ABC):
+    """A submitted job. Subclasses implement ``_refresh`` and ``_cancel``; the rest is shared."""
+
+    poll_schedule: Sequence[float] = POLL_SCHEDULE
+
+    def __init__(self, provider: str, job_id: str, request: Request) -> None:
+        self.provider = provider
+        self.id = job_id
+        self.request = request
+        self.timestamps: dict[str, float] = {JobState.QUEUED.value: time.time()}
+        self.billing: Billing | None = None
+        self.error: BrokerError | None = None
+        self.output: Output | None = None
+        self._state = JobState.QUEUED
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.provider}:{self.id} {self._state.value}>"
+
+    @property
+    def state(self) -> JobState:
+        return self._state
+
+    def _set_state(self, state: JobState) -> None:
+        if self._state.terminal or state == self._state:
+            return
+        self._state = state
+        self.timestamps.setdefault(state.value, time.time())
+
+    def _succeed(self, output: Output) -> None:
+        self.output = output
+        self._set_state(JobState.SUCCEEDED)
+
+    def _fail(self, error: BrokerError, state: JobState = JobState.FAILED) -> None:
+        self.error = error
+        self._set_state(state)
+
+    # -- what subclasses provide ------------------------------------------------
+    @abstractmethod
+    async def _refresh(self) -> None:
+        """Ask the provider once; update state via ``_set_state``/``_succeed``/``_fail``."""
+
+    @abstractmethod
+    async def _cancel(self) -> None:
+        """Tell the provider to stop the job (best effort)."""
+
+    # -- the lifecycle -------------------------------------------------------------
+    async def poll(self) -> JobState:
+        if not self._state.terminal:
+            await self._refresh()
+        return self._state
+
+    async def wait(self, timeout: float | None = None) -> JobState:
+        """Poll until terminal or ``timeout`` seconds pass; returns the state reached."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        i = 0
+        while not (await self.poll()).terminal:
+            delay = self.poll_schedule[min(i, len(self.poll_schedule) - 1)]
+            i += 1
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                delay = min(delay, remaining)
+            await asyncio.sleep(delay)
+        return self._state
+
+    async def result(self, timeout: float | None = None) -> Output:
+        """The output; raises the job's typed error, or ``ProviderTimeout`` (the job is left running)."""
+        state = await self.wait(timeout)
+        if state == JobState.SUCCEEDED and self.output is not None:
+            return self.output
+        if self.error is not None:
+            raise self.error
+        if state == JobState.CANCELLED:
+            raise JobCancelled(f"job {self.id} on {self.provider} was cancelled")
+        raise ProviderTimeout(
+            f"job {self.id} on {self.provider} still {state.value} after {timeout:g}s",
+            provider=self.provider,
+            job_id=self.id,
+        )
+
+    async def stream(self) -> AsyncIterator[AudioChunk]:
+        """Audio chunks as they are made. Providers without streaming yield the whole result once."""
+        out = await self.result()
+        if not isinstance(out, Audio):
+            raise TypeError("only speech jobs stream audio")
+        yield AudioChunk(out, 0, final=True)
+
+    async def cancel(self) -> None:
+        """Idempotent: cancelling a finished job does nothing."""
+        if self._state.terminal:
+            return
+        try:
+            await self._cancel()
+        finally:
+            if not self._state.terminal:
+                self._fail(JobCancelled(f"job {self.id} cancelled"), JobState.CANCELLED)
+
+    def seconds_in(self, state: JobState) -> float | None:
+        """Time spent queued (or running), from the recorded transitions."""
+        ts = self.timestamps
+        if state == JobState.QUEUED and "queued" in ts:
+            end = ts.get("running") or next((ts[s.value] for s in JobState if s.terminal and s.value in ts), None)
+            return None if end is None else end - ts["queued"]
+        if state == JobState.RUNNING and "running" in ts:
+            end = next((ts[s.value] for s in JobState if s.terminal and s.value in ts), None)
+            return None if end is None else end - ts["running"]
+        return None
+
+
+class Provider(ABC):
+    """Runs speech and render jobs somewhere. ``CloudGPUManager`` is a Provider too."""
+
+    name: str = "provider"
+    capabilities: Capabilities = Capabilities()
+    #: provider-specific knobs the manager reads (queue timeout, hedging eligibility, ...)
+    queue_timeout_s: float | None = None
+    install_hint: ClassVar[str] = ""
+
+    @abstractmethod
+    async def submit(self, request: Request, *, stream: bool = False) -> Job:
+        """Hand the job to the provider; returns once it has been accepted."""
+
+    async def health(self) -> HealthReport:
+        return HealthReport(ok=True, detail="no health probe")
+
+    def quote(self, request: Request) -> Any:
+        """Expected $ and seconds for ``request`` (a ``broker.types.Quote``), from the price catalog."""
+        from broker.pricing import quote_for
+
+        return quote_for(self, request)
+
+    async def aclose(self) -> None:
+        """Release clients and background work."""
+
+    async def __aenter__(self) -> Provider:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    # -- conveniences over submit + result ----------------------------------------
+    async def arun(self, request: Request, *, timeout: float | None = None) -> Output:
+        job = await self.submit(request)
+        try:
+            return await job.result(timeout)
+        except BaseException:
+            await asyncio.shield(job.cancel())
+            raise
+
+    async def agenerate_speech(
+        self,
+        text: str,
+        speaker: int | str = 0,
+        context: Sequence[Segment] = (),
+        max_length_ms: float | None = None,
+        **options: Any,
+    ) -> Audio:
+        request = build(
+            SpeechRequest, text=text, speaker=speaker, context=list(context), max_length_ms=max_length_ms,
+            **options,
+        )
+        out = await self.arun(request)
+        assert isinstance(out, Audio)
+        return out
+
+    async def arender(
+        self,
+        audio: Audio | Any | None = None,
+        *,
+        text: str | None = None,
+        avatar: bytes | None = None,
+        **options: Any,
+    ) -> Video:
+        if audio is not None and not isinstance(audio, Audio):
+            audio = Audio(audio)
+        request = build(RenderRequest, audio=audio, text=text, avatar=avatar, **options)
+        out = await self.arun(request)
+        assert isinstance(out, Video)
+        return out
+
+    async def astream_speech(
+        self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (), **options: Any
+    ) -> AsyncIterator[AudioChunk]:
+        request = build(SpeechRequest, text=text, speaker=speaker, context=list(context), **options)
+        job = await self.submit(request, stream=True)
+        done = False
+        try:
+            async for chunk in job.stream():
+                yield chunk
+            done = True
+        finally:
+            if not done:
+                await asyncio.shield(job.cancel())
+
+    # -- sync twins ------------------------------------------------------------------
+    def generate_speech(
+        self,
+        text: str,
+        speaker: int | str = 0,
+        context: Sequence[Segment] = (),
+        max_length_ms: float | None = None,
+        **options: Any,
+    ) -> Any:
+        return run_sync(self.agenerate_speech(text, speaker, context, max_length_ms, **options))
+
+    def render(self, audio: Audio | Any | None = None, **options: Any) -> Video:
+        return run_sync(self.arender(audio, **options))
+
+    def stream_speech(self, text: str, speaker: int | str = 0, **options: Any) -> Iterator[AudioChunk]:
+        return iterate_sync(self.astream_speech(text, speaker, **options))
+
+    def run_request(self, request: Request, *, timeout: float | None = None) -> Output:
+        """Run an already-built request to completion (sync)."""
+        return run_sync(self.arun(request, timeout=timeout))
+
+    def close(self) -> None:
+        run_sync(self.aclose())

@@ -1,0 +1,98 @@
+"""Provider name → lazy import path + install hint.
+
+Nothing here imports a provider module until it is asked for, so ``import broker``
+stays free of SDKs. A missing optional dependency becomes ``ProviderNotInstalled``
+carrying the exact ``pip install`` line. Third parties can add providers through
+the ``broker.providers`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from broker.errors import ProviderNotInstalled, UnknownProvider
+
+if TYPE_CHECKING:
+    from broker.providers.base import Provider
+    from broker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    hint: str
+    description: str
+
+
+REGISTRY: dict[str, Entry] = {
+    "local": Entry(
+        "broker.providers.local:LocalProvider",
+        "pip install 'broker[local]'",
+        "the engines in this process, on CUDA if present, else CPU",
+    ),
+    "runpod": Entry(
+        "broker.providers.runpod:RunPodProvider",
+        "pip install 'broker[runpod]'",
+        "RunPod serverless endpoint (queue API)",
+    ),
+    "modal": Entry(
+        "broker.providers.modal:ModalProvider",
+        "pip install 'broker[modal]'",
+        "Modal app (SDK or its HTTPS endpoint)",
+    ),
+    "replicate": Entry(
+        "broker.providers.replicate:ReplicateProvider",
+        "pip install 'broker[replicate]'",
+        "Replicate deployment, model or version",
+    ),
+    "http": Entry(
+        "broker.providers.http:HTTPProvider",
+        "pip install broker",
+        "a self-hosted `broker worker serve` over HTTP",
+    ),
+}
+
+
+def _entry_point_entries() -> dict[str, Entry]:
+    found: dict[str, Entry] = {}
+    for ep in entry_points(group="broker.providers"):
+        found[ep.name] = Entry(ep.value, f"pip install the package providing {ep.name!r}", "plugin")
+    return found
+
+
+def names() -> list[str]:
+    return sorted({*REGISTRY, *_entry_point_entries()})
+
+
+def entry(name: str) -> Entry:
+    table = {**_entry_point_entries(), **REGISTRY}
+    try:
+        return table[name]
+    except KeyError:
+        raise UnknownProvider(f"unknown provider {name!r}; known: {', '.join(sorted(table))}") from None
+
+
+def provider_class(name: str) -> type[Provider]:
+    """Import the provider's class; a missing dependency raises with the install hint."""
+    e = entry(name)
+    module_name, _, attr = e.path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ProviderNotInstalled(f"provider {name!r} needs {exc.name or exc}: {e.hint}") from None
+    cls: type[Provider] = getattr(module, attr)
+    return cls
+
+
+def create(name: str, settings: Settings | None = None, **overrides: Any) -> Provider:
+    """Build a provider from settings (``Settings()`` when not given)."""
+    from broker.settings import Settings
+
+    cls = provider_class(name)
+    factory = getattr(cls, "from_settings", None)
+    if factory is None:
+        return cls(**overrides)
+    return factory(settings or Settings(), **overrides)  # type: ignore[no-any-return]

