@@ -190,9 +190,8 @@ class CloudGPUManager(Provider):
 
     async def health(self) -> HealthReport:
         reports = await asyncio.gather(*(p.health() for p in self.providers), return_exceptions=True)
-        info = {
-            p.name: (r.ok if isinstance(r, HealthReport) else False) for p, r in zip(self.providers, reports, strict=True)
-        }
+        pairs = zip(self.providers, reports, strict=True)
+        info = {p.name: (r.ok if isinstance(r, HealthReport) else False) for p, r in pairs}
         return HealthReport(ok=any(info.values()), detail="any provider healthy", info=info)
 
     async def aclose(self) -> None:
