@@ -36,6 +36,7 @@ class LocalJob(Job):
                 return
             self._set_state(JobState.RUNNING)
             started = time.perf_counter()
+            out: Audio | Video
             try:
                 if self._chunks is not None:
                     out = await self._run_stream()
