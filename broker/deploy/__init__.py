@@ -1,0 +1,1 @@
+"""`broker deploy <provider>`: one module per provider."""
