@@ -256,7 +256,8 @@ class CSMEngine(SpeechEngine):
                            depth_decoder_temperature=request.temperature, depth_decoder_top_k=request.topk)
         streamer = _CancelStreamer(cancel) if cancel is not None else None
         with self._generate_lock:
-            codes = model.generate(**inputs, max_new_tokens=max_frames, streamer=streamer, **options)
+            out = model.generate(**inputs, max_new_tokens=max_frames, streamer=streamer, **options)
+            codes = getattr(out, "sequences", out)  # a checkpoint may ask for dict outputs
             return self._decode(codes[0])
 
     def _decode(self, frames: Any) -> np.ndarray:
