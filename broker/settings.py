@@ -65,14 +65,41 @@ class RunPodSettings(BaseModel):
 
 
 class ModalSettings(BaseModel):
+    """A Modal app deployed from handlers/modal/app.py (provider name: modal).
+
+    The same fields drive `broker deploy modal` and the app itself: the app module reads
+    them (as ``BROKER_MODAL__*`` variables) when it is imported, at deploy time and in the container.
+    """
+
     app_name: str = "broker"
     class_name: str = "BrokerWorker"
+    #: SDK credentials (MODAL_TOKEN_ID / MODAL_TOKEN_SECRET); None = ~/.modal.toml
     token_id: SecretStr | None = None
     token_secret: SecretStr | None = None
+    #: Modal environment to deploy to and look the app up in; None = the workspace default
+    environment: str | None = None
     #: the app's ASGI endpoint; when set the HTTP path is used instead of the SDK
     url: str | None = None
+    #: a proxy auth token (Modal-Key "wk-…" / Modal-Secret "ws-…") for the ASGI endpoint
+    proxy_key: SecretStr | None = None
+    proxy_secret: SecretStr | None = None
+    #: the GPU the app runs on (Modal's gpu= string) and the price row used for it
     hardware: str = "A10G"
     queue_timeout_s: float = 120.0
+    #: containers kept warm / the most at once / idle seconds before one stops (Modal: 2..3600)
+    min_containers: int = Field(default=0, ge=0)
+    max_containers: int = Field(default=4, ge=1)
+    scaledown_window_s: int = Field(default=60, ge=2, le=3600)
+    #: Modal memory snapshots: engines are loaded once, restored on each cold start
+    memory_snapshot: bool = True
+    #: longest one job may run on Modal before it is stopped
+    timeout_s: int = Field(default=900, ge=10, le=86_400)
+    #: a registry image built from containers/worker.Dockerfile; None = build on Modal from pyproject
+    image: str | None = None
+    #: our own deadline for each Modal SDK call (an unreachable Modal otherwise takes ~58 s to fail)
+    rpc_timeout_s: float = 15.0
+    #: read timeout of one HTTP request to the endpoint (Modal answers within 150 s, or redirects)
+    request_timeout_s: float = 900.0
 
 
 class ReplicateSettings(BaseModel):
@@ -94,6 +121,9 @@ class HTTPWorkerSettings(BaseModel):
     hardware: str = "cpu"
     #: $/hour of the machine it runs on, for quotes (a rented VM is paid by the hour)
     usd_per_hour: float | None = None
+    connect_timeout_s: float = 5.0
+    #: read timeout of one job request: the longest job this worker is expected to run
+    request_timeout_s: float = 900.0
 
 
 class ManagerSettings(BaseModel):

@@ -1,9 +1,77 @@
-"""Filled in by its provider's issue."""
+"""`broker deploy modal`: deploy the worker app to Modal and record it in the config."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from broker.cli.common import guarded, out, print_json
+
+
+def deploy_modal(
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Modal GPU type: T4, L4, A10G, L40S, A100-80GB, H100…")]
+    = None,
+    min_containers: Annotated[int | None, typer.Option("--min-containers", help="Containers kept warm.")] = None,
+    max_containers: Annotated[int | None, typer.Option("--max-containers", help="Most containers at once.")]
+    = None,
+    scaledown_window: Annotated[
+        int | None, typer.Option("--scaledown-window", help="Idle seconds before a container stops (2-3600).")
+    ] = None,
+    timeout: Annotated[int | None, typer.Option("--timeout", help="Longest job, in seconds.")] = None,
+    snapshot: Annotated[
+        bool | None, typer.Option("--snapshot/--no-snapshot", help="Memory snapshots for fast cold starts.")
+    ] = None,
+    app_name: Annotated[str | None, typer.Option("--app-name")] = None,
+    environment: Annotated[str | None, typer.Option("--environment", help="Modal environment.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Registry image built from containers/.")] = None,
+    app_file: Annotated[Path | None, typer.Option("--app-file", help="Default: handlers/modal/app.py.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Config file to record the deploy in.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; deploy nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Deploy handlers/modal/app.py (GPU class + HTTPS endpoint) and write its names to the config."""
+
+    def run() -> None:
+        from broker.deploy import modal as deploy
+        from broker.providers.modal import modal_token_configured
+        from broker.settings import Settings, config_path
+
+        settings = Settings()
+        plan = deploy.plan_from_settings(
+            settings, app_name=app_name, hardware=gpu, min_containers=min_containers,
+            max_containers=max_containers, scaledown_window_s=scaledown_window, memory_snapshot=snapshot,
+            timeout_s=timeout, environment=environment, image=image, app_file=app_file,
+        )
+        target = config or config_path()
+        if dry_run:
+            summary = {**plan.summary(), "credentials": modal_token_configured(settings),
+                       "config": str(target), "dry_run": True}
+            if as_json:
+                print_json(summary)
+                return
+            out.print(f"[bold]would deploy[/] {plan.app_name}.{plan.class_name} from {plan.app_file}")
+            for key in ("hardware", "min_containers", "max_containers", "scaledown_window_s", "memory_snapshot",
+                        "timeout_s", "environment", "image"):
+                out.print(f"  {key:<19} {summary[key]}")
+            out.print(f"  {'command':<19} {summary['command']}")
+            out.print(f"  {'credentials':<19} {'found' if summary['credentials'] else 'MISSING'}")
+            out.print(f"  {'records to':<19} {target}")
+            return
+        deploy.check_credentials(settings)  # before any network
+        result = deploy.run_deploy(plan)
+        written = deploy.record(result, target)
+        if as_json:
+            print_json({"app_name": result.app_name, "class_name": result.class_name, "url": result.url,
+                        "config": str(written)})
+            return
+        out.print(f"deployed [bold]{result.app_name}.{result.class_name}[/] · recorded in {written}")
+        if result.url:
+            out.print(f"  web endpoint {result.url} (needs a proxy auth token: modal.proxy_key / proxy_secret)")
+
+    guarded(run)
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("modal")(deploy_modal)
