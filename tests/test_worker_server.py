@@ -352,3 +352,69 @@ def test_settings_and_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         assert KEY not in text
     assert "pw" not in repr(provider) and "gpu-box:8000" in repr(provider)  # user:password@ is dropped
     provider.close()
+
+
+def test_worker_dockerfile_copies_what_exists_and_runs_a_real_command() -> None:
+    """containers/worker.Dockerfile builds on the shared base; its COPY sources and command must be real."""
+    import shlex
+    import tomllib
+
+    from tests.conftest import ROOT, run_cli
+
+    text = (ROOT / "containers" / "worker.Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    instructions = [i.strip() for i in "\n".join(lines).replace("\\\n", " ").splitlines() if i.strip()]
+    assert "ARG BASE_IMAGE=broker-base" in instructions and "FROM ${BASE_IMAGE}" in instructions
+    copies = [shlex.split(i)[1:-1] for i in instructions if i.startswith("COPY ")]
+    assert copies, "the image copies this checkout"
+    for sources in copies:
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY source {source} is missing"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"fastapi", "uvicorn"} <= {d.split(">")[0].split("=")[0] for d in extras["worker"]}
+
+    entry = json.loads(next(i for i in instructions if i.startswith("ENTRYPOINT "))[len("ENTRYPOINT "):])
+    cmd = json.loads(next(i for i in instructions if i.startswith("CMD "))[len("CMD "):])
+    assert entry[:3] == ["broker", "worker", "serve"]
+    proc = run_cli(*entry[1:], *cmd, "--help")  # click rejects unknown options before --help exits
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_worker_serve(tmp_path: Path, presets_dir: Path) -> None:
+    """`broker worker serve` as an operator runs it: key from the environment, presets, a real port."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BROKER_WORKER_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "worker", "serve", "--port", str(port), "--avatars", str(presets_dir),
+         "--max-body-mb", "0.5", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                info = httpx.get(f"{url}/ready").json()
+                if info["ready"] or "error" in info:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "worker did not become ready"
+            time.sleep(0.1)
+        assert info["ready"] and info["presets"] == ["narrator"]
+        assert httpx.post(f"{url}/run", json=_speech()).status_code == 401
+        r = httpx.post(f"{url}/run", json=_speech(), headers={"X-API-Key": KEY}, timeout=60)
+        assert r.status_code == 200 and r.json()["ok"]
+        assert httpx.post(f"{url}/run", content=b"x" * 600_000, headers={"X-API-Key": KEY}).status_code == 413
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert KEY not in stderr

@@ -23,7 +23,7 @@ import importlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,7 +268,7 @@ class WorkerState:
     def _count_cancelled(self) -> None:
         self.cancelled += 1
 
-    async def stream_job(self, payload: Any) -> AsyncIterator[dict[str, Any]]:
+    async def stream_job(self, payload: Any) -> AsyncGenerator[dict[str, Any], None]:
         """Take a slot, then yield chunk payloads as the engine makes them."""
         await self._acquire()
         loop = asyncio.get_running_loop()
@@ -300,7 +300,7 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -
 
 
 async def _drain(queue: asyncio.Queue[dict[str, Any] | None], cancel: threading.Event
-                 ) -> AsyncIterator[dict[str, Any]]:
+                 ) -> AsyncGenerator[dict[str, Any], None]:
     try:
         while (item := await queue.get()) is not None:
             yield item
