@@ -120,7 +120,9 @@ def load_presets(directory: Path) -> Presets:
 def _preset_registrar() -> Callable[[str, bytes], Any] | None:
     try:
         module = importlib.import_module("broker.engines.avatars")
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "broker.engines.avatars":
+            log.warning("avatar pre-processing unavailable (%s); presets are passed as images", exc)
         return None
     fn = getattr(module, "register_preset", None)
     return fn if callable(fn) else None
@@ -453,9 +455,8 @@ def create_app(
     async def job_payload(request: Request) -> Any:
         _check_key(request, opts.api_key)
         payload = _parse_json(await _read_body(request, opts.max_body_bytes))
-        payload = state.apply_preset(payload)
-        await state.wait_ready()
-        return payload
+        await state.wait_ready()  # presets load with the engines: resolve them after
+        return state.apply_preset(payload)
 
     @app.post("/run")
     async def run(request: Request) -> Response:
