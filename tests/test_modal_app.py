@@ -94,7 +94,8 @@ def test_local_render_matches_handle(worker_obj: Any) -> None:
     assert remote["ok"] == local["ok"]
     if local["ok"]:
         video = wire.decode_result(remote)
-        assert isinstance(video, Video) and video.frames == local["frames"]
+        assert isinstance(video, Video) and video.data[4:8] == b"ftyp"
+        assert abs(video.frames - local["frames"]) <= 3, "same text, same engine (Piper's sampling varies a little)"
     else:  # the render engine is still being built: the same typed error either way
         assert remote["error"] == local["error"]
 

@@ -26,7 +26,7 @@ from broker.errors import (
     ProviderUnavailable,
 )
 from broker.manager import CloudGPUManager
-from broker.media import Audio, Video
+from broker.media import Audio, Video, frames_for
 from broker.providers.base import JobState
 from broker.providers.http import HTTPProvider
 from broker.settings import Settings
@@ -187,7 +187,10 @@ def test_render_through_worker_matches_local_outcome(worker: LoopbackServer) -> 
     if local["ok"]:
         assert r.status_code == 200
         video = wire.decode_result(remote)
-        assert isinstance(video, Video) and video.frames == local["frames"] and video.data[4:8] == b"ftyp"
+        assert isinstance(video, Video) and video.data[4:8] == b"ftyp"
+        assert (video.width, video.height, video.fps) == (local["width"], local["height"], local["fps"])
+        # Piper's VITS sampling is random, so the spoken length (and frame count) varies a little.
+        assert abs(video.frames - local["frames"]) <= 3 and video.frames == frames_for(video.audio_seconds, video.fps)
     else:
         # The render engine is not finished on this branch: its typed error must arrive unchanged.
         assert r.status_code == status_for(local) >= 400
