@@ -251,3 +251,20 @@ async def test_http_path_down_is_unavailable() -> None:
             await provider.agenerate_speech("hi")
         assert not (await provider.health()).ok
     await asyncio.sleep(0)
+
+
+def test_chain_modal_down_worker_up(monkeypatch: pytest.MonkeyPatch, worker_obj: Any) -> None:
+    """Modal unreachable → the self-hosted worker serves; the local provider is never needed."""
+    from broker.providers.http import HTTPProvider
+
+    monkeypatch.setenv("MODAL_SERVER_URL", f"http://127.0.0.1:{_closed_port()}")
+    modal = ModalProvider(token_id=SecretStr("ak-test"), token_secret=SecretStr("as-test"), rpc_timeout_s=1.0)
+    with LoopbackServer(worker_obj.web.local()) as worker:
+        manager = CloudGPUManager([modal, HTTPProvider(worker.url), "local"])
+        try:
+            manager.generate_speech("The worker takes over.", return_tensor=False)
+        finally:
+            manager.close()
+    report = manager.last_report
+    assert report is not None and report.provider == "http"
+    assert [(a.provider, a.outcome) for a in report.attempts] == [("modal", "failed"), ("http", "succeeded")]

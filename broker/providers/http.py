@@ -191,7 +191,7 @@ class HTTPJobClient:
             raise error_for_response(response, body, self.provider)
 
     async def run(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST /run and return the result payload (an error payload raises its typed error)."""
+        """POST /run and return the result payload; a non-2xx answer raises its typed error."""
         response = await self._open("POST", self.url("run"), payload)
         try:
             body = await response.aread()
