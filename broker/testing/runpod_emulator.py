@@ -23,17 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import signal
-import site
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +37,14 @@ from aiohttp import web
 
 from broker.testing.runpod_jobs import IN_PROGRESS, EmulatedJob, Faults, JobBook
 from broker.testing.runpod_rest import RestStore
+from broker.testing.runpod_workers import (
+    WorkerInfo,
+    default_handler_path,
+    kill_group,
+    spawn_worker,
+    stop_process,
+    worker_environment,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,31 +52,6 @@ T = TypeVar("T")
 #: hosted API payload limits (docs.runpod.io/serverless/endpoints/operation-reference, 2026-11-23)
 RUN_LIMIT = 10_000_000
 RUNSYNC_LIMIT = 20_000_000
-
-
-def default_handler_path() -> Path:
-    """``handlers/runpod/handler.py`` of the checkout this ``broker`` was imported from."""
-    import broker
-
-    return Path(broker.__file__).resolve().parent.parent / "handlers" / "runpod" / "handler.py"
-
-
-@dataclass
-class WorkerInfo:
-    id: str
-    proc: subprocess.Popen[bytes] | None
-    spawned: float
-    ready_at: float
-    first_poll: float | None = None
-    last_seen: float | None = None
-    stopping: bool = False
-    exit_code: int | None = None
-
-    @property
-    def alive(self) -> bool:
-        if self.proc is not None:
-            return self.exit_code is None
-        return self.last_seen is not None and time.monotonic() - self.last_seen < 30
 
 
 class RunPodEmulator:
@@ -200,20 +179,8 @@ class RunPodEmulator:
 
     def worker_environment(self, worker_id: str) -> dict[str, str]:
         """What RunPod sets in a worker container (plus the fitness-check skips)."""
-        v2 = f"{self.base_url}/{self.endpoint_id}"
-        return {
-            "RUNPOD_WEBHOOK_GET_JOB": f"{v2}/job-take/$ID?gpu=emulated",
-            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{v2}/job-done/$RUNPOD_POD_ID/$ID?gpu=emulated",
-            "RUNPOD_WEBHOOK_POST_STREAM": f"{v2}/job-stream/$RUNPOD_POD_ID/$ID?gpu=emulated",
-            "RUNPOD_WEBHOOK_PING": f"{v2}/ping/$RUNPOD_POD_ID",
-            "RUNPOD_PING_INTERVAL": str(self.ping_interval_ms),
-            "RUNPOD_POD_ID": worker_id,
-            "RUNPOD_ENDPOINT_ID": self.endpoint_id,
-            "RUNPOD_AI_API_KEY": self.worker_key,
-            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
-            "RUNPOD_SKIP_GPU_CHECK": "true",
-            "BROKER_RUNPOD_MODE": self.mode,
-        }
+        return worker_environment(f"{self.base_url}/{self.endpoint_id}", self.endpoint_id, worker_id,
+                                  self.worker_key, self.mode, self.ping_interval_ms)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         """A job's /status answer (None once unknown)."""
@@ -292,7 +259,7 @@ class RunPodEmulator:
         await self.book.notify()  # release every long-poll
         for w in self.workers.values():
             w.stopping = True
-        await asyncio.gather(*(asyncio.to_thread(_stop_process, w.proc) for w in self.workers.values() if w.proc))
+        await asyncio.gather(*(asyncio.to_thread(stop_process, w.proc) for w in self.workers.values() if w.proc))
         if self._reaper is not None:
             self._reaper.cancel()
         if self._runner is not None:
@@ -322,29 +289,8 @@ class RunPodEmulator:
     async def _spawn_worker(self) -> WorkerInfo:
         self._worker_count += 1
         worker_id = f"emu-worker-{self._worker_count}"
-        env = {**os.environ, **self.worker_env, **self.worker_environment(worker_id)}
-        # The worker imports the same broker this process did (a checkout need not be installed).
-        import broker
-
-        broker_root = str(Path(broker.__file__).resolve().parent.parent)
-        paths = [broker_root, *filter(None, [env.get("PYTHONPATH")])]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        env["PYTHONUNBUFFERED"] = "1"
-        # The SDK prefers ~/.runpod/config.toml over RUNPOD_AI_API_KEY; a RunPod worker has no such file,
-        # so neither does ours (the user's real key must never reach the emulator).
-        home = Path(self._tmp.name) / "home"
-        home.mkdir(exist_ok=True)
-        env["HOME"] = str(home)
-        env["PYTHONUSERBASE"] = site.getuserbase()
-        log_file = open(self.worker_log, "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-u", str(self.handler_path)], cwd=self.handler_path.parent, env=env,
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its heartbeat child dies with it (killpg)
-            )
-        finally:
-            log_file.close()
+        env = {**self.worker_env, **self.worker_environment(worker_id)}
+        proc = spawn_worker(self.handler_path, env, self.worker_log, Path(self._tmp.name) / "home")
         now = time.monotonic()
         info = WorkerInfo(worker_id, proc, spawned=now, ready_at=now + self.faults.cold_start_s)
         self.workers[worker_id] = info
@@ -362,14 +308,14 @@ class RunPodEmulator:
     async def _crash_all(self) -> None:
         for w in self.workers.values():
             if w.proc is not None and w.alive:
-                await asyncio.to_thread(_kill_group, w.proc, signal.SIGKILL)
+                await asyncio.to_thread(kill_group, w.proc, signal.SIGKILL)
 
     async def _crash_later(self, worker_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
         w = self.workers.get(worker_id)
         if w is not None and w.proc is not None and w.alive:
             log.info("crash fault: killing worker %s mid-job", worker_id)
-            await asyncio.to_thread(_kill_group, w.proc, signal.SIGKILL)
+            await asyncio.to_thread(kill_group, w.proc, signal.SIGKILL)
 
     # -- auth and faults ---------------------------------------------------------------
     def _user_authorized(self, request: web.Request) -> bool:
@@ -647,25 +593,3 @@ class RunPodEmulator:
         if found is None:
             return web.json_response({"error": "no such file"}, status=404)
         return web.Response(body=found[0], content_type=found[1])
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _stop_process(proc: subprocess.Popen[bytes], grace_s: float = 0.5) -> None:
-    """SIGTERM the worker's group, as RunPod does on scale-down; SIGKILL it if it lingers."""
-    if proc.poll() is None:
-        _kill_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_group(proc, signal.SIGKILL)  # also any heartbeat child left behind
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
