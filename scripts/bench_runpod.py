@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from broker.errors import InvalidRequest
 from broker.providers.runpod import RunPodProvider
 from broker.testing.runpod_emulator import RunPodEmulator
 from broker.types import SpeechRequest
-
 
 IDLE_S = 1.2
 
@@ -89,7 +89,7 @@ def import_times(env: dict[str, str]) -> tuple[float, float]:
         "print(t1-t, time.perf_counter()-t1)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**__import__("os").environ, **env})
+                          env={**os.environ, **env})
     a, b = proc.stdout.split()
     return float(a), float(b)
 

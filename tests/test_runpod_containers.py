@@ -5,8 +5,11 @@ and the handler's sample inputs are valid jobs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -91,3 +94,16 @@ def test_base_image_pins_torch_to_the_local_extra() -> None:
 def test_sample_inputs_are_valid_jobs(name: str, kind: type) -> None:
     job = json.loads((ROOT / "handlers" / "runpod" / name).read_text())
     assert isinstance(wire.decode_request(job["input"]), kind)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("piper_available")
+def test_sdk_local_test_mode_runs_test_input() -> None:
+    """`python handler.py` with test_input.json, as RunPod's docs say to try a handler before deploying."""
+    env = {**os.environ, "BROKER_LOCAL__DEVICE": "cpu"}
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    proc = subprocess.run([sys.executable, "handler.py"], cwd=ROOT / "handlers" / "runpod", env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "completed successfully" in proc.stdout + proc.stderr
+    assert "'ok': True" in proc.stdout + proc.stderr

@@ -185,6 +185,13 @@ def test_emulate_runpod_command(tmp_path: Path) -> None:
         assert limited.status_code == 429 and limited.headers["Retry-After"] == "3"
         assert httpx.get(url, headers=headers).json()["workers"] == {"idle": 0, "running": 0, "initializing": 0}
         assert httpx.get(url, headers={"Authorization": "Bearer nope"}).status_code == 401
+        # the printed exports are all the official client needs (RUNPOD_ENDPOINT_BASE_URL, RUNPOD_API_KEY)
+        code = ("import json, os, runpod; e = runpod.Endpoint(os.environ['BROKER_RUNPOD__ENDPOINT_ID'], "
+                "api_key=os.environ['RUNPOD_API_KEY']); print(json.dumps(e.health()))")
+        client = subprocess.run([sys.executable, "-c", code], env={**env, **exports}, capture_output=True,
+                                text=True, timeout=60)
+        assert client.returncode == 0, client.stderr
+        assert json.loads(client.stdout)["jobs"]["inQueue"] == 0
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)

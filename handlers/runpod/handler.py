@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -79,7 +80,9 @@ async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    if os.environ.get("BROKER_RUNPOD_MODE", "stream") == "job":
+    # The SDK's one-shot local test (`python handler.py`, reading test_input.json) runs plain handlers only.
+    local_test = "RUNPOD_WEBHOOK_GET_JOB" not in os.environ and "--rp_serve_api" not in sys.argv
+    if local_test or os.environ.get("BROKER_RUNPOD_MODE", "stream") == "job":
         runpod.serverless.start({"handler": handler})
     else:
         runpod.serverless.start({"handler": stream_handler, "return_aggregate_stream": True})
