@@ -248,7 +248,7 @@ class RunPodProvider(Provider):
                     "so large media travel by URL",
                 )
             route = "runsync"  # the only door for 10-20 MB payloads
-        elif self.use_runsync and not streaming and self._expected_seconds(request) <= self.runsync_max_s:
+        elif self.use_runsync and not streaming and self._expected_run_seconds(request) <= self.runsync_max_s:
             route = "runsync"
         if route == "runsync":
             return await self._runsync(request, data)
@@ -272,9 +272,11 @@ class RunPodProvider(Provider):
         job.apply(reply)
         return job
 
-    def _expected_seconds(self, request: Request) -> float:
+    def _expected_run_seconds(self, request: Request) -> float:
+        """The quote's compute time (a cold start only delays the answer; /runsync then polls as usual)."""
         try:
-            return float(self.quote(request).expected_seconds)
+            quote = self.quote(request)
+            return float(quote.breakdown.get("run", quote.expected_seconds))
         except Exception:  # a quote is a hint here; no catalog row means "not known to be short"
             return float("inf")
 
@@ -292,7 +294,9 @@ class RunPodProvider(Provider):
         return data
 
     def bill(self, status: dict[str, Any]) -> Billing | None:
-        """Estimated from executionTime (RunPod bills worker seconds; we cannot see cold start apart)."""
+        """Estimated from executionTime: a lower bound. RunPod bills the worker from start to stop, so a
+        cold start (hidden inside delayTime, with queueing) and the idle tail are billed too, but one job's
+        status cannot say how much of them was its own."""
         exec_ms = status.get("executionTime")
         delay_ms = status.get("delayTime")
         if not isinstance(exec_ms, int | float) and not isinstance(delay_ms, int | float):
