@@ -54,14 +54,40 @@ class EngineSettings(BaseModel):
 
 
 class RunPodSettings(BaseModel):
+    """A RunPod serverless (queue) endpoint running ``handlers/runpod/handler.py``."""
+
     endpoint_id: str | None = None
     api_key: SecretStr | None = None
+    #: the hosted job API (`/v2/{endpoint}/run|status|...`); `broker emulate runpod` prints a loopback one
     base_url: str = "https://api.runpod.ai/v2"
     #: RunPod's management REST API (templates, endpoints) used by `broker deploy runpod`
     rest_url: str = "https://rest.runpod.io/v1"
     hardware: str = "A100-80GB"
+    #: engines the deployed image carries
+    engines: list[str] = Field(default_factory=lambda: ["piper"])
+    #: a job still IN_QUEUE after this long is cancelled and the endpoint reported unavailable
     queue_timeout_s: float = 60.0
+    #: sent as policy.executionTimeout; RunPod stops the job (TIMED_OUT) past it (must be > 5 s)
     execution_timeout_s: float = 600.0
+    #: sent as policy.ttl (job lifetime); None = queue timeout + execution timeout + 60 s, so a job we
+    #: stopped waiting for can never start (and bill) much later
+    ttl_s: float | None = None
+    #: use /runsync (one round trip) for jobs expected to finish within runsync_max_s
+    use_runsync: bool = False
+    runsync_max_s: float = 20.0
+    # -- `broker deploy runpod` -------------------------------------------------------
+    #: endpoint name; the template is named "<name>-template" (one template per endpoint)
+    endpoint_name: str = "broker"
+    #: a pushed image ("registry/user/broker-runpod:tag"); built and pushed by deploy when docker runs
+    image: str | None = None
+    #: RunPod gpuTypeIds (or a hardware shorthand such as "A100-80GB") in order of preference
+    gpu_types: list[str] = Field(default_factory=lambda: ["A100-80GB"])
+    workers_min: int = 0
+    workers_max: int = 3
+    idle_timeout_s: int = 5
+    flashboot: bool = True
+    #: "stream" (generator handler: speech streams to /stream) or "job" (plain handler, no stream copy)
+    handler_mode: str = "stream"
 
 
 class ModalSettings(BaseModel):
