@@ -129,14 +129,27 @@ class ModalSettings(BaseModel):
 
 
 class ReplicateSettings(BaseModel):
-    #: one of deployment ("owner/name"), model ("owner/name") or version (an id)
+    #: where predictions go, first set wins: a deployment ("owner/name"), a version id, a model ("owner/name")
     deployment: str | None = None
     model: str | None = None
     version: str | None = None
     api_token: SecretStr | None = None
     base_url: str = "https://api.replicate.com/v1"
+    #: the hardware SKU the model runs on (price rows; `broker deploy replicate --hardware`)
     hardware: str = "gpu-l40s"
+    #: a prediction still `starting` after this long is cancelled and the job fails over
     queue_timeout_s: float = 120.0
+    #: `Prefer: wait=N` on create (1..60 s, 0 = off): short jobs finish in that one request
+    wait_s: int = 5
+    #: bill setup and idle time too (private models); None = only for deployments, which are private
+    private: bool | None = None
+    #: idle seconds to charge each job on a private model (instances bill until they scale down)
+    idle_billed_s: float = 0.0
+    #: inputs up to this size travel as data URLs; larger ones go through /v1/files
+    inline_max_bytes: int = 256 * 1024
+    #: `broker deploy replicate` scaling
+    min_instances: int = 0
+    max_instances: int = 1
 
 
 class HTTPWorkerSettings(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import EngineUnavailable, InvalidRequest
 from broker.media import Audio, Video
@@ -117,9 +117,24 @@ def render(
     cancel: threading.Event | None = None,
 ) -> Video:
     """Talking-head MP4 of the request's avatar speaking its audio (synthesising ``text`` first)."""
-    from broker.engines.render import render_video
+    return _render_module().render_video(request, progress=progress, cancel=cancel)  # type: ignore[no-any-return]
 
-    return render_video(request, progress=progress, cancel=cancel)
+
+_render_entry = render
+
+
+def _render_module() -> Any:
+    """``broker.engines.render``, imported without leaving it bound to this package's ``render`` name.
+
+    The first import of a submodule sets it as an attribute of its package, which would
+    replace the ``render`` function above with the module (and ``engines.render(...)``
+    would then fail with "'module' object is not callable").
+    """
+    import importlib
+
+    module = importlib.import_module("broker.engines.render")
+    globals()["render"] = _render_entry
+    return module
 
 
 def preload(names: tuple[str, ...] = ("piper",), *, render_engine: bool = True) -> None:
@@ -127,6 +142,4 @@ def preload(names: tuple[str, ...] = ("piper",), *, render_engine: bool = True) 
     for name in names:
         speech_engine(name)
     if render_engine:
-        from broker.engines.render import warm_up
-
-        warm_up()
+        _render_module().warm_up()
