@@ -86,6 +86,11 @@ async def test_streaming_yields_chunks_in_order() -> None:
         assert [c.index for c in chunks] == list(range(len(chunks)))
         assert chunks[-1].final and not any(c.final for c in chunks[:-1])
         assert any(path.startswith("/stream/") for _, path, _ in server.emulator.calls)
+        # A stream opened after the job finished gives the same chunks, from the downloaded outputs.
+        job = await p.submit(build(SpeechRequest, text="One sentence here. A second one. And a third."), stream=True)
+        assert await job.wait(60) == JobState.SUCCEEDED
+        late = [c async for c in job.stream()]
+        assert [c.index for c in late] == [c.index for c in chunks] and late[-1].final
 
 
 async def test_cancel_stops_the_prediction() -> None:
@@ -174,6 +179,9 @@ async def test_stuck_in_starting_times_out_and_is_cancelled() -> None:
         with pytest.raises(ProviderUnavailable, match="still starting"):
             await job.result(timeout=20)
         assert server.emulator.predictions[job.id].status == "canceled"
+        # A stream waits on the same clock instead of hanging on a silent event stream.
+        with pytest.raises(ProviderUnavailable, match="still starting"):
+            _ = [c async for c in p.astream_speech("Nobody will stream me.")]
 
 
 async def test_failed_prediction_is_job_failed() -> None:

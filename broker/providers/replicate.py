@@ -74,6 +74,7 @@ class ReplicateJob(Job):
         super().__init__(provider.name, str(prediction["id"]), request)
         self._provider = provider
         self._streaming = stream
+        self._chunks: list[AudioChunk] = []
         self.prediction = prediction
 
     async def _refresh(self) -> None:
@@ -121,8 +122,10 @@ class ReplicateJob(Job):
         payloads = [await self._provider._fetch_payload(item, self.id) for item in items]
         if not self._streaming:
             return wire.decode_result(payloads[-1], provider=self.provider)
-        pieces = [wire.decode_chunk(p, provider=self.provider)[2] for p in payloads]
-        return Audio.concat(pieces)
+        for payload in payloads:
+            index, final, audio, text = wire.decode_chunk(payload, provider=self.provider)
+            self._chunks.append(AudioChunk(audio, index, final=final, text=text))
+        return Audio.concat([c.audio for c in self._chunks])
 
     async def _cancel(self) -> None:
         try:
@@ -131,9 +134,23 @@ class ReplicateJob(Job):
             log.info("cancel of replicate prediction %s failed: %s", self.id, exc.message)
 
     async def stream(self) -> AsyncIterator[AudioChunk]:
-        url = (self.prediction.get("urls") or {}).get("stream")
-        if not self._streaming or not url or self._state.terminal:
+        if not self._streaming:
             async for chunk in super().stream():
+                yield chunk
+            return
+        # Poll until a worker picks the prediction up: a stuck one times out here, not on a silent stream.
+        polls = 0
+        while self._state == JobState.QUEUED:
+            await self.poll()
+            if self._state == JobState.QUEUED:
+                await asyncio.sleep(self.poll_schedule[min(polls, len(self.poll_schedule) - 1)])
+                polls += 1
+        url = (self.prediction.get("urls") or {}).get("stream")
+        if self._state.terminal or not url:
+            await self.wait()
+            if self.error is not None:
+                raise self.error
+            for chunk in self._chunks:
                 yield chunk
             return
         pieces: list[Audio] = []

@@ -29,37 +29,16 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from email.parser import BytesParser
-from email.policy import HTTP
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httpx
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from broker.testing.replicate_state import (
-    HARDWARE,
-    Delivery,
-    Faults,
-    FileRecord,
-    PredictionRecord,
-    deployment_json,
-    model_json,
-    problem,
-    version_json,
-)
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return _json(problem(status, detail), status, headers)
+from broker.testing.replicate_catalog import CatalogRoutes, error_response, json_response
+from broker.testing.replicate_state import Delivery, Faults, FileRecord, PredictionRecord, problem, version_json
 
 
 def _wait_seconds(prefer: str | None) -> float | None:
@@ -72,7 +51,7 @@ def _wait_seconds(prefer: str | None) -> float | None:
     return float(min(60, max(1, int(match.group(1) or 60))))
 
 
-class ReplicateEmulator:
+class ReplicateEmulator(CatalogRoutes):
     """Replicate's API state and routes. Serve ``app`` with ``EmulatorServer`` (or any ASGI server)."""
 
     def __init__(
@@ -162,9 +141,9 @@ class ReplicateEmulator:
             public = path.startswith("/_cog/") or path.startswith("/_emulator/") or "/download" in path
             response: Response
             if not public and self.faults.outage:
-                response = _error(503, "Service Unavailable")
+                response = error_response(503, "Service Unavailable")
             elif not public and not self._authorized(request):
-                response = _json(
+                response = json_response(
                     problem(401, "You did not pass a valid authentication token", "Unauthenticated"), 401
                 )
             else:
@@ -221,7 +200,7 @@ class ReplicateEmulator:
         for model_name, model in self.models.items():
             if any(v["id"] == version_id for v in model["versions"]):
                 return await self._create(request, body, model_name, version_id, None)
-        return _error(422, f"Invalid version or not permitted: {ref!r}")
+        return error_response(422, f"Invalid version or not permitted: {ref!r}")
 
     async def create_for_model(self, owner: str, name: str, request: Request) -> Response:
         body = await self._body(request)
@@ -229,11 +208,11 @@ class ReplicateEmulator:
             return body
         model_name = f"{owner}/{name}"
         if model_name not in self.models:
-            return _error(404, f"Model {model_name} not found")
+            return error_response(404, f"Model {model_name} not found")
         await self._ensure_version(model_name)
         versions = self.models[model_name]["versions"]
         if not versions:
-            return _error(404, f"Model {model_name} has no versions")
+            return error_response(404, f"Model {model_name} has no versions")
         return await self._create(request, body, model_name, versions[-1]["id"], None)
 
     async def create_for_deployment(self, owner: str, name: str, request: Request) -> Response:
@@ -242,21 +221,21 @@ class ReplicateEmulator:
             return body
         dep = self.deployments.get(f"{owner}/{name}")
         if dep is None:
-            return _error(404, f"Deployment {owner}/{name} not found")
+            return error_response(404, f"Deployment {owner}/{name} not found")
         return await self._create(request, body, dep["model"], dep["version"], f"{owner}/{name}")
 
     async def _body(self, request: Request) -> dict[str, Any] | Response:
         if self.faults.rate_limit_burst > 0:
             self.faults.rate_limit_burst -= 1
             seconds = self.faults.retry_after_s
-            return _error(429, f"Request was throttled. Expected available in {seconds} second.",
+            return error_response(429, f"Request was throttled. Expected available in {seconds} second.",
                           {"Retry-After": str(seconds)})
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "Request body is not valid JSON")
+            return error_response(400, "Request body is not valid JSON")
         if not isinstance(body, dict) or not isinstance(body.get("input", {}), dict):
-            return _error(422, "input must be an object")
+            return error_response(422, "input must be an object")
         return body
 
     async def _create(self, request: Request, body: dict[str, Any], model: str, version: str,
@@ -273,7 +252,7 @@ class ReplicateEmulator:
                 await asyncio.wait_for(record.done.wait(), wait)
             except TimeoutError:
                 pass
-        return _json(record.to_json(self.base_url), 201)
+        return json_response(record.to_json(self.base_url), 201)
 
     async def _run(self, record: PredictionRecord) -> None:
         """What Replicate's scheduler does: wait for a worker (boot it), then run on the Cog runtime."""
@@ -378,23 +357,24 @@ class ReplicateEmulator:
         item = self.deliveries.get(key)
         if item is None or item.expires_at < time.time():
             self.deliveries.pop(key, None)
-            return _error(404, "Not found")
+            return error_response(404, "Not found")
         return Response(item.data, media_type=item.mime)
 
     async def list_predictions(self) -> Response:
         items = sorted(self.predictions.values(), key=lambda r: r.created_at, reverse=True)
-        return _json({"next": None, "previous": None, "results": [r.to_json(self.base_url) for r in items]})
+        results = [r.to_json(self.base_url) for r in items]
+        return json_response({"next": None, "previous": None, "results": results})
 
     async def get_prediction(self, pid: str) -> Response:
         record = self.predictions.get(pid)
         if record is None:
-            return _error(404, "Not found.")
-        return _json(record.to_json(self.base_url))
+            return error_response(404, "Not found.")
+        return json_response(record.to_json(self.base_url))
 
     async def cancel_prediction(self, pid: str) -> Response:
         record = self.predictions.get(pid)
         if record is None:
-            return _error(404, "Not found.")
+            return error_response(404, "Not found.")
         if not record.terminal:
             if record.forwarded:
                 try:
@@ -403,12 +383,12 @@ class ReplicateEmulator:
                 except (httpx.HTTPError, TimeoutError):
                     pass
             record.finish("canceled")
-        return _json(record.to_json(self.base_url))
+        return json_response(record.to_json(self.base_url))
 
     async def stream_prediction(self, pid: str, request: Request) -> Response:
         record = self.predictions.get(pid)
         if record is None:
-            return _error(404, "Not found.")
+            return error_response(404, "Not found.")
 
         async def events() -> AsyncIterator[str]:
             index = 0
@@ -427,162 +407,16 @@ class ReplicateEmulator:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
-    # -- files ----------------------------------------------------------------------
-    async def create_file(self, request: Request) -> Response:
-        raw = await request.body()
-        ctype = request.headers.get("content-type", "")
-        message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
-        content: FileRecord | None = None
-        metadata: dict[str, Any] = {}
-        for part in message.iter_parts() if message.is_multipart() else ():
-            name = part.get_param("name", header="content-disposition")
-            payload = part.get_payload(decode=True)
-            data = payload if isinstance(payload, bytes) else b""
-            if name == "content":
-                fid = secrets.token_urlsafe(24)
-                content = FileRecord(fid, part.get_filename() or "file", part.get_content_type(), data, {})
-            elif name == "metadata":
-                metadata = json.loads(data or b"{}")
-        if content is None:
-            return _error(400, "multipart field 'content' is required")
-        content.metadata = metadata
-        self.files[content.id] = content
-        return _json(content.to_json(self.base_url), 201)
-
-    async def list_files(self) -> Response:
-        return _json({"next": None, "previous": None,
-                      "results": [f.to_json(self.base_url) for f in self.files.values()]})
-
-    async def get_file(self, fid: str) -> Response:
-        item = self.files.get(fid)
-        return _json(item.to_json(self.base_url)) if item else _error(404, "Not found.")
-
-    async def delete_file(self, fid: str) -> Response:
-        return Response(status_code=204 if self.files.pop(fid, None) else 404)
-
-    async def download_file(self, fid: str, request: Request) -> Response:
-        item = self.files.get(fid)
-        query = request.query_params
-        signed = False
-        if "signature" in query and query.get("expiry", "").isdigit():
-            expiry = int(query["expiry"])
-            signed = expiry >= time.time() and hmac.compare_digest(query["signature"], self._sign(fid, expiry))
-        if not (signed or self._authorized(request)):
-            return _error(401, "signature or token required")
-        if item is None:
-            return _error(404, "Not found.")
-        return Response(item.data, media_type=item.content_type)
-
-    # -- models, deployments, account, hardware --------------------------------------
-    async def account(self) -> Response:
-        return _json({"type": "user", "username": self.owner, "name": self.owner, "github_url": None})
-
-    async def hardware(self) -> Response:
-        return _json(list(HARDWARE))
-
-    async def create_model(self, request: Request) -> Response:
-        body = await request.json()
-        name = f"{body.get('owner')}/{body.get('name')}"
-        if name in self.models:
-            return _error(409, f"Model {name} already exists")
-        if body.get("hardware") not in {h["sku"] for h in HARDWARE}:
-            return _error(422, f"Invalid hardware {body.get('hardware')!r}")
-        self.models[name] = {"versions": [], "hardware": body["hardware"],
-                             "visibility": body.get("visibility", "private"), "description": body.get("description")}
-        return _json(model_json(body["owner"], body["name"], self.models[name]), 201)
-
-    async def get_model(self, owner: str, name: str) -> Response:
-        key = f"{owner}/{name}"
-        if key not in self.models:
-            return _error(404, "Not found.")
-        await self._ensure_version(key)
-        return _json(model_json(owner, name, self.models[key]))
-
-    async def list_versions(self, owner: str, name: str) -> Response:
-        key = f"{owner}/{name}"
-        if key not in self.models:
-            return _error(404, "Not found.")
-        await self._ensure_version(key)
-        return _json({"next": None, "previous": None, "results": list(reversed(self.models[key]["versions"]))})
-
-    async def get_version(self, owner: str, name: str, vid: str) -> Response:
-        key = f"{owner}/{name}"
-        if key in self.models:
-            await self._ensure_version(key)
-        for v in self.models.get(key, {}).get("versions", []):
-            if v["id"] == vid:
-                return _json(v)
-        return _error(404, "Not found.")
-
-    async def list_deployments(self) -> Response:
-        results = [deployment_json(k.partition("/")[0], k.partition("/")[2], d) for k, d in self.deployments.items()]
-        return _json({"next": None, "previous": None, "results": results})
-
-    async def create_deployment(self, request: Request) -> Response:
-        body = await request.json()
-        key = f"{self.owner}/{body.get('name')}"
-        if key in self.deployments:
-            return _error(409, f"Deployment {key} already exists")
-        problem_ = await self._check_release(body, require_all=True)
-        if problem_:
-            return problem_
-        self.deployments[key] = {
-            "number": 1, "created_at": time.time(), "model": body["model"], "version": body["version"],
-            "hardware": body["hardware"], "min_instances": int(body["min_instances"]),
-            "max_instances": int(body["max_instances"]),
-        }
-        return _json(deployment_json(self.owner, body["name"], self.deployments[key]), 201)
-
-    async def get_deployment(self, owner: str, name: str) -> Response:
-        dep = self.deployments.get(f"{owner}/{name}")
-        return _json(deployment_json(owner, name, dep)) if dep else _error(404, "Not found.")
-
-    async def update_deployment(self, owner: str, name: str, request: Request) -> Response:
-        dep = self.deployments.get(f"{owner}/{name}")
-        if dep is None:
-            return _error(404, "Not found.")
-        body = await request.json()
-        problem_ = await self._check_release({**dep, **body}, require_all=False)
-        if problem_:
-            return problem_
-        for key in ("version", "hardware", "min_instances", "max_instances"):
-            if key in body:
-                dep[key] = body[key]
-        dep["number"] += 1
-        dep["created_at"] = time.time()
-        return _json(deployment_json(owner, name, dep))
-
-    async def delete_deployment(self, owner: str, name: str) -> Response:
-        return Response(status_code=204 if self.deployments.pop(f"{owner}/{name}", None) else 404)
-
-    async def _check_release(self, body: dict[str, Any], *, require_all: bool) -> Response | None:
-        fields = ("name", "model", "version", "hardware", "min_instances", "max_instances")
-        missing = [f for f in fields if require_all and body.get(f) in (None, "")]
-        if missing:
-            return _error(422, f"missing fields: {', '.join(missing)}")
-        model = self.models.get(str(body.get("model")))
-        if model is None:
-            return _error(404, f"Model {body.get('model')} not found")
-        await self._ensure_version(str(body["model"]))
-        if not any(v["id"] == body.get("version") for v in model["versions"]):
-            return _error(422, f"Version {body.get('version')} does not belong to {body['model']}")
-        if body.get("hardware") not in {h["sku"] for h in HARDWARE}:
-            return _error(422, f"Invalid hardware {body.get('hardware')!r}")
-        low, high = int(body["min_instances"]), int(body["max_instances"])
-        if low < 0 or high < max(low, 1):
-            return _error(422, "need 0 <= min_instances <= max_instances and max_instances >= 1")
-        return None
-
     # -- knobs ----------------------------------------------------------------------
     async def get_faults(self) -> Response:
-        return _json(self.faults.__dict__)
+        return json_response(self.faults.__dict__)
 
     async def set_faults(self, request: Request) -> Response:
         try:
             self.faults.update(**(await request.json()))
         except (KeyError, TypeError, ValueError) as exc:
-            return _error(422, str(exc))
-        return _json(self.faults.__dict__)
+            return error_response(422, str(exc))
+        return json_response(self.faults.__dict__)
 
 
 class EmulatorServer:
