@@ -59,11 +59,11 @@ class Runner(BaseRunner):
         cancel = threading.Event()
         try:
             payload = _resolve_files(json.loads(job), list(files or []))
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, OSError) as exc:
             yield self._write("result.json", wire.encode_error(None, _invalid("job", str(exc))))
             return
         try:
-            if payload.get("stream") and payload.get("task") == "speech":
+            if isinstance(payload, dict) and payload.get("stream") and payload.get("task") == "speech":
                 for i, chunk in enumerate(handle_stream(payload, cancel=cancel)):
                     yield self._write(f"chunk-{i}.json", chunk)
             else:
@@ -79,7 +79,12 @@ class Runner(BaseRunner):
         if not text or not text.strip():
             yield self._write("result.json", wire.encode_error(None, _invalid("text", "give `job` or `text`")))
             return
-        result = handle(wire.encode_request(build(SpeechRequest, text=text, speaker=speaker)))
+        from broker.errors import BrokerError
+
+        try:
+            result = handle(wire.encode_request(build(SpeechRequest, text=text, speaker=speaker)))
+        except BrokerError as exc:
+            result = wire.encode_error(None, exc)
         if not result.get("ok"):
             yield self._write("result.json", result)
             return
