@@ -1,7 +1,12 @@
-"""CloudGPUManager: a Provider that routes each job to the providers it manages.
+"""CloudGPUManager: a Provider that routes each job to the best provider it manages, and pays attention.
 
-This first version tries the configured providers in order and ends at ``local``;
-ranking by cost and health, retries, budgets and the ledger build on this shape.
+For each job: quote every capable provider (catalog × profile, with what health has observed),
+drop the ones whose circuit is open or that cost more than the per-job cap, rank the rest with
+the policy (cheapest by default), and try them in turn — each provider at most once per job,
+with same-provider retries for rate limits and 5xx by error class — ending at the local
+provider. Budgets are reserved before dispatch and settled after; every attempt goes to the
+ledger and into the ``JobReport`` on the output. When nothing can take the job now but a
+provider's circuit will half-open before the deadline, the job waits for it instead of failing.
 """
 
 from __future__ import annotations
@@ -10,99 +15,253 @@ import asyncio
 import importlib.util
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from broker.errors import AllProvidersFailed, BrokerError, InvalidRequest, ProviderNotInstalled
+from broker.attempt import ProviderRun
+from broker.budget import Accountant, Budget
+from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded
+from broker.health import BreakerConfig, HealthBoard
+from broker.ledger import Ledger
 from broker.media import Audio, AudioChunk, Video
+from broker.policy import Candidate, DropOverBudget, Policy, RankContext, Ranking, as_policy
+from broker.pricing import WARM_P_COLD, Catalog
 from broker.providers import registry
-from broker.providers.base import Capabilities, HealthReport, Job, JobState, Provider, Request
+from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
+from broker.retry import Action, RetryRules, classify
 from broker.settings import Settings
-from broker.types import Attempt, JobReport, Segment, SpeechRequest
+from broker.types import Attempt, JobReport, Quote, RenderRequest, Segment, SpeechRequest, build
+
+Output = Audio | Video
+_ROUTING_OPTIONS = ("deadline_s", "max_usd", "policy")
 
 
 class ManagedJob(Job):
-    """The manager's job: walks the provider chain in a background task."""
+    """The manager's job: walks the ranked providers in a background task (or, streaming, as chunks are read)."""
 
-    def __init__(self, manager: CloudGPUManager, request: Request, stream: bool) -> None:
+    def __init__(self, manager: CloudGPUManager, request: Request, stream: bool, *,
+                 deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None) -> None:
         super().__init__(manager.name, uuid.uuid4().hex, request)
         self.report = JobReport(job_id=self.id, task=request.task)
+        self.max_usd = max_usd
+        self.policy = as_policy(policy) if policy is not None else manager.policy
+        ms = manager.settings.manager
+        self.deadline_s = deadline_s or ms.deadline_s or ms.default_deadline_s
+        self._t0 = time.monotonic()
+        self.deadline = self._t0 + self.deadline_s
+        self.streamed: Audio | None = None
         self._manager = manager
         self._stream = stream
-        self._current: Job | None = None
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._tried: set[str] = set()
+        self._runs: list[ProviderRun] = []
+        self._task: asyncio.Task[None] | None = None
+        if not stream:
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _run(self) -> None:
-        started = time.monotonic()
-        for provider in self._manager.chain(self.request):
-            attempt_start = time.time()
-            try:
-                job = await provider.submit(self.request)
-                self._current = job
-                self._set_state(JobState.RUNNING)
-                out = await job.result()
-            except InvalidRequest as exc:
-                self._record(provider, "rejected", attempt_start, error=exc)
-                self._fail(exc)
-                return
-            except BrokerError as exc:
-                self._record(provider, "failed", attempt_start, error=exc)
-                continue
-            self._record(provider, "succeeded", attempt_start, job=job)
-            self.report.provider = provider.name
-            self.report.wall_seconds = time.monotonic() - started
-            _fill_report(self.report, out)
-            out.report = self.report
-            self._succeed(out)
-            return
-        self.report.wall_seconds = time.monotonic() - started
-        self._fail(AllProvidersFailed("every provider failed", self.report.attempts))
+    @property
+    def providers_tried(self) -> list[str]:
+        """The providers this job went to, in order (each at most once; retries stay inside one)."""
+        return [r.name for r in self._runs]
 
-    def _record(self, provider: Provider, outcome: Any, start: float, *, job: Job | None = None,
-                error: BrokerError | None = None) -> None:
-        billing = job.billing if job is not None else None
-        cost = billing.cost_usd if billing else 0.0
-        self.report.attempts.append(
-            Attempt(
-                provider=provider.name,
-                outcome=outcome,
-                provider_job_id=job.id if job else None,
-                error_class=type(error).__name__ if error else None,
-                message=error.message if error else None,
-                seconds=time.time() - start,
-                billed_seconds=billing.billed_seconds if billing else None,
-                cost_usd=cost,
-                cost_estimated=billing.estimated if billing else True,
-                started_at=start,
-                ended_at=time.time(),
-            )
+    # -- bookkeeping used by ProviderRun ---------------------------------------------------------
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def record(self, attempt: Attempt) -> None:
+        self.report.attempts.append(attempt)
+        self.report.cost_usd += attempt.cost_usd
+
+    def alternatives_left(self, current: str) -> bool:
+        """Is there another provider this job has not tried that could take it now?"""
+        m = self._manager
+        now = time.monotonic()
+        return any(
+            p.name != current and p.name not in self._tried and m.health_board[p.name].usable(now)
+            and p.capabilities.supports(self.request) is None
+            for p in m.providers
         )
-        self.report.cost_usd += cost
 
+    # -- routing ---------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            out = await self._route()
+        except BrokerError as exc:
+            self._finish_report()
+            self._fail(exc)
+            return
+        self._finish_report(out)
+        out.report = self.report
+        self._succeed(out)
+
+    def _finish_report(self, out: Output | None = None) -> None:
+        r = self.report
+        r.wall_seconds = time.monotonic() - self._t0
+        billed = sum(a.billed_seconds or 0.0 for a in r.attempts)
+        self.billing = Billing(billed_seconds=billed, cost_usd=r.cost_usd,
+                               estimated=any(a.cost_estimated for a in r.attempts if a.cost_usd))
+        if isinstance(out, Audio):
+            r.audio_seconds = out.duration_s
+        elif isinstance(out, Video):
+            r.audio_seconds, r.frames, r.fps = out.audio_seconds, out.frames, out.fps
+
+    def _plan(self) -> Ranking:
+        return self._manager.plan(self.request, exclude=self._tried, deadline_s=self.remaining(),
+                                  max_usd=self.max_usd, policy=self.policy)
+
+    async def _next_plan(self) -> Ranking | None:
+        """The providers to try next; waits for a circuit to half-open when none can take the job now."""
+        while True:
+            if time.monotonic() >= self.deadline:
+                return None
+            plan = self._plan()
+            if plan.ordered:
+                return plan
+            wake = self._manager._next_chance(self.request, self._tried)
+            if wake is None or wake >= self.deadline:
+                return None
+            await asyncio.sleep(max(0.001, wake - time.monotonic()))
+
+    async def _route(self) -> Output:
+        last_abort: BrokerError | None = None
+        while (plan := await self._next_plan()) is not None:
+            first = plan.ordered[0]
+            self._tried.add(first.name)
+            try:
+                return await self._race(first, plan.ordered[1:])
+            except BrokerError as exc:
+                if classify(exc) is Action.ABORT:
+                    last_abort = exc
+                    break
+        if last_abort is not None:
+            raise last_abort
+        raise self._final_error()
+
+    def _final_error(self) -> BrokerError:
+        attempts = self.report.attempts
+        if attempts and all(a.outcome == "skipped" for a in attempts):
+            return BudgetExceeded("every provider that could take this job is over budget:\n" + "\n".join(
+                f"  {a.provider}: {a.message}" for a in attempts))
+        if time.monotonic() >= self.deadline:
+            why = f"the {self.deadline_s:g} s deadline passed"
+        elif not attempts:
+            why = "no provider can take this job now"
+        else:
+            why = "every provider failed"
+        return AllProvidersFailed(f"{why} ({len(attempts)} attempts)", attempts)
+
+    async def _race(self, first: Candidate, backups: list[Candidate]) -> Output:
+        """Run ``first``; with hedging on, start the next provider if ``first`` has not started in time."""
+        m = self._manager
+        primary = ProviderRun(m, self, first)
+        self._runs.append(primary)
+        hedge_after = m.settings.manager.hedge_after_s
+        if hedge_after is None or not backups:
+            return await primary.run()
+        tasks: dict[asyncio.Task[Output], ProviderRun] = {asyncio.ensure_future(primary.run()): primary}
+        hedge_at: float | None = time.monotonic() + hedge_after
+        errors: list[BrokerError] = []
+        try:
+            while tasks:
+                timeout = None if hedge_at is None else max(0.0, hedge_at - time.monotonic())
+                done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    hedge_at = None
+                    run = self._hedge(primary, backups)
+                    if run is not None:
+                        tasks[asyncio.ensure_future(run.run())] = run
+                    continue
+                for t in done:
+                    tasks.pop(t)
+                    exc = t.exception()
+                    if exc is None:
+                        return t.result()
+                    if not isinstance(exc, BrokerError):
+                        raise exc
+                    if classify(exc) is Action.ABORT:
+                        raise exc
+                    errors.append(exc)
+            raise errors[-1]
+        finally:
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _hedge(self, primary: ProviderRun, backups: list[Candidate]) -> ProviderRun | None:
+        if primary.running():
+            return None  # it started: a hedge would only double the bill
+        cap = self._manager.settings.manager.hedge_max_usd
+        now = time.monotonic()
+        for c in backups:
+            if c.name in self._tried or not self._manager.health_board[c.name].usable(now):
+                continue
+            if cap is not None and primary.reserved_usd + c.usd > cap:
+                continue
+            self._tried.add(c.name)
+            run = ProviderRun(self._manager, self, c, hedge=True)
+            self._runs.append(run)
+            return run
+        return None
+
+    # -- the Job interface ---------------------------------------------------------------------------
     async def _refresh(self) -> None:
         await asyncio.sleep(0)
+
+    @property
+    def state(self) -> JobState:
+        if self._state == JobState.QUEUED and any(r.running() for r in self._runs):
+            self._set_state(JobState.RUNNING)
+        return self._state
+
+    def _ensure_task(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._task
 
     async def wait(self, timeout: float | None = None) -> JobState:
         if not self._state.terminal:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                await asyncio.wait_for(asyncio.shield(self._ensure_task()), timeout)
             except TimeoutError:
                 pass
         return self._state
 
     async def _cancel(self) -> None:
-        self._task.cancel()
-        if self._current is not None:
-            await self._current.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
-
-def _fill_report(report: JobReport, out: Audio | Video) -> None:
-    if isinstance(out, Audio):
-        report.audio_seconds = out.duration_s
-    else:
-        report.audio_seconds = out.audio_seconds
-        report.frames = out.frames
-        report.fps = out.fps
+    async def stream(self) -> AsyncIterator[AudioChunk]:
+        if not self._stream:
+            async for chunk in super().stream():
+                yield chunk
+            return
+        delivered = False
+        while (plan := await self._next_plan()) is not None:
+            cand = plan.ordered[0]
+            self._tried.add(cand.name)
+            run = ProviderRun(self._manager, self, cand)
+            self._runs.append(run)
+            try:
+                async for chunk in run.stream():
+                    delivered = True
+                    yield chunk
+            except BrokerError as exc:
+                # Once audio has reached the caller a failover would repeat it: stop here instead.
+                if delivered or classify(exc) is Action.ABORT:
+                    self._finish_report()
+                    self._fail(exc)
+                    raise
+                continue
+            self._finish_report(self.streamed)
+            if self.streamed is not None:
+                self.streamed.report = self.report
+                self._succeed(self.streamed)
+            return
+        err = self._final_error()
+        self._finish_report()
+        self._fail(err)
+        raise err
 
 
 class CloudGPUManager(Provider):
@@ -115,48 +274,154 @@ class CloudGPUManager(Provider):
         providers: Sequence[Provider | str] | None = None,
         *,
         settings: Settings | None = None,
+        policy: Policy | Callable[..., Any] | str | None = None,
+        catalog: Catalog | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        names_or_providers = list(providers) if providers is not None else list(self.settings.manager.providers)
+        ms = self.settings.manager
+        names_or_providers = list(providers) if providers is not None else list(ms.providers)
         self.providers: list[Provider] = []
         self.skipped: dict[str, str] = {}
         for p in names_or_providers:
             if isinstance(p, Provider):
                 self.providers.append(p)
                 continue
+            if p == "local" and not self.settings.local.enabled:
+                self.skipped[p] = "disabled (local.enabled = false)"
+                continue
             try:
                 self.providers.append(registry.create(p, self.settings))
-            except (ProviderNotInstalled, BrokerError) as exc:
+            except BrokerError as exc:
                 # A provider that is not installed or not configured is skipped, and says why.
                 self.skipped[p] = exc.message
-        if self.settings.manager.fallback_local and not any(p.name == "local" for p in self.providers):
-            try:
-                self.providers.append(registry.create("local", self.settings))
-            except BrokerError as exc:
-                self.skipped["local"] = exc.message
+        self.fallback: Provider | None = None
+        if ms.fallback_local and self.settings.local.enabled:
+            local = next((p for p in self.providers if p.name == "local"), None)
+            if local is None and "local" not in self.skipped:
+                try:
+                    local = registry.create("local", self.settings)
+                except BrokerError as exc:
+                    self.skipped["local"] = exc.message
+            if local is not None:
+                # The last resort is never ranked by price (free local would always win "cheapest").
+                self.providers = [p for p in self.providers if p is not local]
+                self.fallback = local
+        everyone = self.all_providers
         self.capabilities = Capabilities(
-            tasks=frozenset().union(*(p.capabilities.tasks for p in self.providers)) if self.providers
-            else frozenset(),
-            engines=frozenset().union(*(p.capabilities.engines for p in self.providers)) if self.providers
-            else frozenset(),
-            streaming=any(p.capabilities.streaming for p in self.providers),
+            tasks=frozenset().union(*(p.capabilities.tasks for p in everyone)) if everyone else frozenset(),
+            engines=frozenset().union(*(p.capabilities.engines for p in everyone)) if everyone else frozenset(),
+            streaming=any(p.capabilities.streaming for p in everyone),
             hardware="mixed",
         )
+        self.policy = as_policy(policy if policy is not None else ms.policy)
+        self.catalog = catalog or Catalog.from_settings(self.settings)
+        self.ledger = ledger or Ledger(self.settings.ledger.path)
+        self.budget = Budget(ms.max_usd_per_job, ms.daily_budget_usd, ms.monthly_budget_usd, ms.reserve_factor)
+        self.accountant = Accountant(self.ledger, self.budget)
+        self.health_board = HealthBoard(BreakerConfig(ms.breaker_failures, ms.breaker_ejection_s,
+                                                      ms.breaker_max_ejection_s))
+        self.retry_rules = RetryRules(ms.attempts_per_provider, ms.backoff_initial_s, ms.backoff_max_s,
+                                      ms.backoff_jitter_s, ms.failover_after_s)
         self.last_report: JobReport | None = None
+        self._over_cap = DropOverBudget()
 
-    def chain(self, request: Request) -> list[Provider]:
-        return [p for p in self.providers if p.capabilities.supports(request) is None]
+    @property
+    def all_providers(self) -> list[Provider]:
+        return self.providers + ([self.fallback] if self.fallback is not None else [])
 
-    async def submit(self, request: Request, *, stream: bool = False) -> Job:
+    # -- quoting and ranking ------------------------------------------------------------------
+    def quote_provider(self, provider: Provider, request: Request) -> Quote:
+        """``provider``'s quote for ``request``, using what health has seen of its queue and warmth."""
+        if type(provider).quote is not Provider.quote:
+            return provider.quote(request)  # type: ignore[no-any-return]  # the provider prices itself
+        hw = provider.capabilities.hardware
+        row = self.catalog.price(provider.name, hw)
+        h = self.health_board[provider.name]
+        now = time.monotonic()
+        p_cold = None
+        if row is not None and row.scales_to_zero:
+            p_cold = self.health_board.p_cold(provider.name, row.idle_s, now, WARM_P_COLD)
+        return self.catalog.quote(provider.name, hw, request, default_engine=self.settings.engines.default,
+                                  p_cold=p_cold, queue_s=h.queue.value or 0.0)
+
+    def plan(self, request: Request, *, exclude: set[str] | frozenset[str] = frozenset(),
+             deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None) -> Ranking:
+        """Rank the providers for ``request``: ``ordered`` to try (local last), ``dropped`` with reasons."""
+        now = time.monotonic()
+        candidates: list[Candidate] = []
+        dropped: list[tuple[Candidate, str]] = []
+        for p in self.providers:
+            if p.name in exclude:
+                continue
+            why = p.capabilities.supports(request) or self._unavailable(p.name, now)
+            if why:
+                dropped.append((Candidate(p, _placeholder_quote(p)), why))
+                continue
+            candidates.append(Candidate(p, self.quote_provider(p, request)))
+        cap = min((v for v in (self.settings.manager.max_usd_per_job, max_usd) if v is not None), default=None)
+        ctx = RankContext(deadline_s=deadline_s, max_usd=cap)
+        chosen = as_policy(policy) if policy is not None else self.policy
+        ranking = chosen.rank(self._over_cap.rank(candidates, ctx).ordered, ctx) if cap is not None \
+            else chosen.rank(candidates, ctx)
+        if cap is not None:
+            ranking.dropped[:0] = self._over_cap.rank(candidates, ctx).dropped
+        ranking.dropped[:0] = dropped
+        fb = self.fallback
+        if fb is not None and fb.name not in exclude:
+            why = fb.capabilities.supports(request) or self._unavailable(fb.name, now)
+            if why:
+                ranking.dropped.append((Candidate(fb, _placeholder_quote(fb)), why))
+            else:
+                ranking.ordered.append(Candidate(fb, self.quote_provider(fb, request)))
+        return ranking
+
+    def _unavailable(self, name: str, now: float) -> str | None:
+        h = self.health_board[name]
+        if h.cooling(now):
+            assert h.cooldown_until is not None
+            return f"rate limited: asked to wait {h.cooldown_until - now:.1f} s more"
+        if not h.breaker.available(now):
+            reopen = h.breaker.reopens_at()
+            when = f"; trial in {reopen - now:.1f} s" if reopen is not None and reopen > now else ""
+            return f"circuit open after repeated failures ({h.last_error or 'failed'}){when}"
+        return None
+
+    def _next_chance(self, request: Request, exclude: set[str]) -> float | None:
+        """Earliest time an untried, capable provider's circuit half-opens (or its cooldown ends)."""
+        now = time.monotonic()
+        times = [
+            t for p in self.all_providers
+            if p.name not in exclude and p.capabilities.supports(request) is None
+            and (t := self.health_board[p.name].next_chance(now)) is not None
+        ]
+        return min(times) if times else None
+
+    def quote(self, request: Request) -> Quote:
+        """The quote of the provider this request would go to first."""
+        plan = self.plan(request)
+        if not plan.ordered:
+            reasons = "; ".join(f"{c.name}: {why}" for c, why in plan.dropped) or "no providers configured"
+            return Quote(provider=self.name, hardware="none", expected_seconds=float("inf"),
+                         expected_usd=0.0, dropped=reasons)
+        return plan.ordered[0].quote
+
+    # -- running --------------------------------------------------------------------------------
+    async def submit(self, request: Request, *, stream: bool = False, deadline_s: float | None = None,
+                     max_usd: float | None = None, policy: Any = None) -> Job:
         request.check_limits(self.settings.limits)
-        if not self.chain(request):
-            raise AllProvidersFailed(f"no configured provider can run this {request.task} job")
-        return ManagedJob(self, request, stream)
+        if not any(p.capabilities.supports(request) is None for p in self.all_providers):
+            reasons = "; ".join(f"{p.name}: {p.capabilities.supports(request)}" for p in self.all_providers)
+            raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
+                                     + (f" ({reasons})" if reasons else ""))
+        return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy)
 
-    async def arun(self, request: Request, *, timeout: float | None = None) -> Audio | Video:
-        job = await self.submit(request)
+    async def arun(self, request: Request, *, timeout: float | None = None, deadline_s: float | None = None,
+                   max_usd: float | None = None, policy: Any = None) -> Output:
+        job = await self.submit(request, deadline_s=deadline_s or timeout, max_usd=max_usd, policy=policy)
         try:
-            out = await job.result(timeout)
+            # The job ends itself at its deadline; the margin only guards against a stuck adapter.
+            out = await job.result(None if timeout is None else timeout + 5.0)
         except BaseException:
             await asyncio.shield(job.cancel())
             if isinstance(job, ManagedJob):
@@ -165,37 +430,61 @@ class CloudGPUManager(Provider):
         self.last_report = out.report
         return out
 
-    async def astream_speech(
-        self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (), **options: Any
-    ) -> AsyncIterator[AudioChunk]:
-        # Streaming goes to the first provider that streams; others answer in one chunk.
-        from broker.types import build
+    async def agenerate_speech(self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (),
+                               max_length_ms: float | None = None, **options: Any) -> Audio:
+        routing = {k: options.pop(k) for k in _ROUTING_OPTIONS if k in options}
+        request = build(SpeechRequest, text=text, speaker=speaker, context=list(context),
+                        max_length_ms=max_length_ms, **options)
+        out = await self.arun(request, **routing)
+        assert isinstance(out, Audio)
+        return out
 
+    async def arender(self, audio: Audio | Any | None = None, *, text: str | None = None,
+                      avatar: bytes | None = None, **options: Any) -> Video:
+        routing = {k: options.pop(k) for k in _ROUTING_OPTIONS if k in options}
+        if audio is not None and not isinstance(audio, Audio):
+            audio = Audio(audio)
+        request = build(RenderRequest, audio=audio, text=text, avatar=avatar, **options)
+        out = await self.arun(request, **routing)
+        assert isinstance(out, Video)
+        return out
+
+    async def astream_speech(self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (),
+                             **options: Any) -> AsyncIterator[AudioChunk]:
+        routing = {k: options.pop(k) for k in _ROUTING_OPTIONS if k in options}
         request = build(SpeechRequest, text=text, speaker=speaker, context=list(context), **options)
-        request.check_limits(self.settings.limits)
-        errors: list[Attempt] = []
-        for provider in self.chain(request):
-            started = time.time()
-            try:
-                job = await provider.submit(request, stream=True)
-                async for chunk in job.stream():
-                    yield chunk
-                return
-            except InvalidRequest:
-                raise
-            except BrokerError as exc:
-                errors.append(Attempt(provider=provider.name, outcome="failed", error_class=type(exc).__name__,
-                                      message=exc.message, seconds=time.time() - started))
-        raise AllProvidersFailed("no provider could stream this job", errors)
+        job = await self.submit(request, stream=True, **routing)
+        assert isinstance(job, ManagedJob)
+        done = False
+        try:
+            async for chunk in job.stream():
+                yield chunk
+            done = True
+        finally:
+            self.last_report = job.report
+            if not done:
+                await asyncio.shield(job.cancel())
 
     async def health(self) -> HealthReport:
-        reports = await asyncio.gather(*(p.health() for p in self.providers), return_exceptions=True)
-        pairs = zip(self.providers, reports, strict=True)
-        info = {p.name: (r.ok if isinstance(r, HealthReport) else False) for p, r in pairs}
-        return HealthReport(ok=any(info.values()), detail="any provider healthy", info=info)
+        """Each provider's circuit state, latency and last error, plus its own probe where it has one."""
+        everyone = self.all_providers
+        reports = await asyncio.gather(*(_probe(p) for p in everyone))
+        now = time.monotonic()
+        info: dict[str, Any] = {}
+        for p, r in zip(everyone, reports, strict=True):
+            snap = self.health_board[p.name].snapshot(now)
+            snap.update(probe_ok=r.ok, probe_detail=r.detail, probe_latency_s=r.latency_s)
+            info[p.name] = snap
+        ok = any(v["probe_ok"] and v["state"] != "open" for v in info.values())
+        return HealthReport(ok=ok, detail=f"{sum(1 for v in info.values() if v['probe_ok'])}/{len(info)} healthy",
+                            info=info)
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(p.aclose() for p in self.providers), return_exceptions=True)
+        await asyncio.gather(*(p.aclose() for p in self.all_providers), return_exceptions=True)
+
+    def close(self) -> None:
+        super().close()
+        self.ledger.close()
 
     # -- drop-in sync surface ---------------------------------------------------------
     def generate_speech(
@@ -211,12 +500,27 @@ class CloudGPUManager(Provider):
         """Like CSM's ``Generator.generate``: a 1-D float tensor when torch is installed, else ``Audio``.
 
         ``return_tensor=False`` always returns ``Audio`` (with ``.report``); the last job's report is
-        also at ``manager.last_report``.
+        also at ``manager.last_report``. ``deadline_s=``, ``max_usd=`` and ``policy=`` route this call.
         """
         audio = super().generate_speech(text, speaker, context, max_length_ms, **options)
         want_tensor = _torch_installed() if return_tensor is None else return_tensor
         return audio.to_torch() if want_tensor else audio
 
 
+async def _probe(p: Provider) -> HealthReport:
+    try:
+        async with asyncio.timeout(10.0):
+            return await p.health()
+    except Exception as exc:
+        return HealthReport(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _placeholder_quote(p: Provider) -> Quote:
+    return Quote(provider=p.name, hardware=p.capabilities.hardware, expected_seconds=0.0, expected_usd=0.0)
+
+
 def _torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
+
+
+__all__ = ["CloudGPUManager", "ManagedJob"]

@@ -1,36 +1,375 @@
-"""Price catalog and performance profiles (minimal first version; the manager issue grows it)."""
+"""Price catalog and performance profiles: data with a source and a date, and the quotes built from them.
+
+``broker/data/prices.csv`` holds one row per provider × hardware ($/s, minimum billed seconds,
+typical cold start, what is billed); ``broker/data/profiles.csv`` holds how fast each engine runs
+on each class of hardware (real-time factor for speech, frames/s for renders), each figure marked
+measured / published / estimate. ``Settings.prices_path`` (and ``manager.profiles_path``) name CSVs
+with the same columns that are merged over the packaged ones; ``http.usd_per_hour`` prices a
+self-hosted worker by the hour of its machine.
+
+``quote_for(provider, request)`` and ``cost_for(provider, hardware, billed_seconds)`` are the
+contract adapters and the manager call.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import csv
+import io
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from broker.errors import ConfigurationError
+from broker.media import frames_for
 from broker.types import Quote, RenderRequest, SpeechRequest, estimate_speech_seconds
 
 if TYPE_CHECKING:
     from broker.providers.base import Provider
+    from broker.settings import Settings
 
-#: measured on a 2-core CPU with Piper joe-medium (docs/PERFORMANCE.md)
-_CPU_SPEECH_RTF = 0.09
-_CPU_RENDER_FPS = 25.0
+SCHEMA_VERSION = 1
+DEFAULT_ENGINE = "piper"
+#: chance a worker that was used within its idle window is still warm
+WARM_P_COLD = 0.1
 
 
-def quote_for(provider: Provider, request: SpeechRequest | RenderRequest) -> Quote:
-    if isinstance(request, SpeechRequest):
-        audio_s = estimate_speech_seconds(request.text)
-        run_s = audio_s * _CPU_SPEECH_RTF
-    else:
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "y")
+
+
+def _num(value: str | None, default: float) -> float:
+    if value is None or value.strip() == "":
+        return default
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PriceRow:
+    """What one provider charges for one kind of hardware, and how it counts the seconds."""
+
+    provider: str
+    hardware: tuple[str, ...]
+    profile: str
+    usd_per_second: float
+    min_billed_s: float = 0.0
+    increment_s: float = 1.0
+    cold_start_s: float = 0.0
+    #: how long a worker stays up after a job (billed when ``bills_idle``)
+    idle_s: float = 0.0
+    bills_cold_start: bool = True
+    bills_idle: bool = True
+    basis: str = "estimate"
+    billing_model: str = ""
+    source: str = ""
+    checked: str = ""
+
+    def billed_seconds(self, seconds: float) -> float:
+        """Seconds the provider charges for ``seconds`` of billable time (increments, minimum)."""
+        seconds = max(0.0, seconds)
+        if self.increment_s > 0 and seconds > 0:
+            seconds = math.ceil(seconds / self.increment_s - 1e-9) * self.increment_s
+        return max(seconds, self.min_billed_s) if seconds > 0 else 0.0
+
+    def cost(self, seconds: float) -> float:
+        return self.billed_seconds(seconds) * self.usd_per_second
+
+    @property
+    def scales_to_zero(self) -> bool:
+        return self.cold_start_s > 0
+
+
+@dataclass(frozen=True)
+class PerfProfile:
+    engine: str
+    task: str
+    hardware: str
+    metric: str  # "rtf" or "fps"
+    value: float
+    basis: str = "estimate"
+    source: str = ""
+    checked: str = ""
+
+
+def _read_csv(text: str, origin: str) -> Iterator[dict[str, str]]:
+    lines = text.splitlines()
+    for line in lines:
+        if line.startswith("#") and "schema_version=" in line:
+            version = int(line.split("schema_version=", 1)[1].split()[0].strip(".,;"))
+            if version > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"{origin} has schema_version={version}; this broker reads up to {SCHEMA_VERSION}"
+                )
+    body = "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    yield from csv.DictReader(io.StringIO(body))
+
+
+def parse_prices(text: str, origin: str = "prices") -> list[PriceRow]:
+    rows = []
+    for n, raw in enumerate(_read_csv(text, origin), start=2):
+        try:
+            provider = _key(raw["provider"])
+            aliases = tuple(_key(a) for a in raw["hardware"].split("|") if a.strip())
+            usd = _num(raw.get("usd_per_second"), math.nan)
+            if not math.isfinite(usd) and raw.get("usd_per_hour"):
+                usd = _num(raw.get("usd_per_hour"), 0.0) / 3600.0
+            if not aliases or not math.isfinite(usd) or usd < 0:
+                raise ValueError("needs provider, hardware and a non-negative usd_per_second")
+            rows.append(PriceRow(
+                provider=provider,
+                hardware=aliases,
+                profile=(raw.get("profile") or "").strip() or ("cpu" if aliases[0].startswith("cpu") else "gpu"),
+                usd_per_second=usd,
+                min_billed_s=_num(raw.get("min_billed_s"), 0.0),
+                increment_s=_num(raw.get("increment_s"), 1.0),
+                cold_start_s=_num(raw.get("cold_start_s"), 0.0),
+                idle_s=_num(raw.get("idle_s"), 0.0),
+                bills_cold_start=_flag(raw.get("bills_cold_start"), True),
+                bills_idle=_flag(raw.get("bills_idle"), True),
+                basis=(raw.get("basis") or "estimate").strip(),
+                billing_model=(raw.get("billing_model") or "").strip(),
+                source=(raw.get("source") or "").strip(),
+                checked=(raw.get("checked") or "").strip(),
+            ))
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise ConfigurationError(f"{origin} line {n}: {exc}") from None
+    return rows
+
+
+def parse_profiles(text: str, origin: str = "profiles") -> list[PerfProfile]:
+    rows = []
+    for n, raw in enumerate(_read_csv(text, origin), start=2):
+        try:
+            metric = raw["metric"].strip()
+            if metric not in ("rtf", "fps"):
+                raise ValueError(f"metric must be rtf or fps, not {metric!r}")
+            value = float(raw["value"])
+            if not value > 0:
+                raise ValueError("value must be positive")
+            rows.append(PerfProfile(
+                engine=raw["engine"].strip().lower(), task=raw["task"].strip(), hardware=_key(raw["hardware"]),
+                metric=metric, value=value, basis=(raw.get("basis") or "estimate").strip(),
+                source=(raw.get("source") or "").strip(), checked=(raw.get("checked") or "").strip(),
+            ))
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise ConfigurationError(f"{origin} line {n}: {exc}") from None
+    return rows
+
+
+def _packaged(name: str) -> str:
+    return resources.files("broker").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def _read_path(path: str | Path, what: str) -> str:
+    p = Path(path).expanduser()
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what} {p}: {exc.strerror}") from None
+
+
+class Catalog:
+    """Prices and speed profiles, looked up by (provider, hardware) and (engine, hardware class)."""
+
+    def __init__(self, prices: Iterable[PriceRow] = (), profiles: Iterable[PerfProfile] = ()) -> None:
+        self._prices: dict[tuple[str, str], PriceRow] = {}
+        self._profiles: dict[tuple[str, str], PerfProfile] = {}
+        self.add_prices(prices)
+        self.add_profiles(profiles)
+
+    # -- building ---------------------------------------------------------------------------
+    @classmethod
+    def packaged(cls) -> Catalog:
+        return cls(parse_prices(_packaged("prices.csv"), "prices.csv"),
+                   parse_profiles(_packaged("profiles.csv"), "profiles.csv"))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Catalog:
+        """Packaged data, then ``prices_path`` / ``manager.profiles_path``, then settings-priced rows."""
+        cat = cls.packaged()
+        if settings.prices_path:
+            cat.add_prices(parse_prices(_read_path(settings.prices_path, "prices_path"), str(settings.prices_path)))
+        profiles_path = getattr(settings.manager, "profiles_path", None)
+        if profiles_path:
+            cat.add_profiles(parse_profiles(_read_path(profiles_path, "profiles_path"), str(profiles_path)))
+        http = settings.http
+        if http.usd_per_hour is not None:
+            hw = _key(http.hardware)
+            base = cat.price("http", hw)
+            cat.add_prices([PriceRow(
+                provider="http", hardware=(hw,), profile=base.profile if base else ("cpu" if hw.startswith("cpu")
+                                                                                   else "gpu"),
+                usd_per_second=http.usd_per_hour / 3600.0, min_billed_s=0.0, cold_start_s=0.0, idle_s=0.0,
+                bills_cold_start=False, bills_idle=False, basis="config",
+                billing_model=f"http.usd_per_hour = {http.usd_per_hour:g}: jobs pay their share of run time",
+            )])
+        return cat
+
+    def add_prices(self, rows: Iterable[PriceRow]) -> Catalog:
+        for row in rows:
+            for alias in row.hardware:
+                self._prices[(row.provider, alias)] = row
+        return self
+
+    def add_profiles(self, rows: Iterable[PerfProfile]) -> Catalog:
+        for p in rows:
+            self._profiles[(p.engine, p.hardware)] = p
+        return self
+
+    def with_prices(self, rows: Iterable[PriceRow]) -> Catalog:
+        """A copy with ``rows`` merged over this catalog's prices."""
+        out = Catalog(self.prices(), self._profiles.values())
+        return out.add_prices(rows)
+
+    # -- lookups ------------------------------------------------------------------------------
+    def prices(self) -> list[PriceRow]:
+        seen: dict[int, PriceRow] = {}
+        for row in self._prices.values():
+            seen.setdefault(id(row), row)
+        return list(seen.values())
+
+    def profiles(self) -> list[PerfProfile]:
+        return list(self._profiles.values())
+
+    def price(self, provider: str, hardware: str) -> PriceRow | None:
+        return self._prices.get((_key(provider), _key(hardware)))
+
+    def profile(self, engine: str, hardware_class: str) -> PerfProfile | None:
+        engine = engine.lower()
+        hw = _key(hardware_class)
+        found = self._profiles.get((engine, hw))
+        if found is None:
+            family = "cpu" if hw.startswith("cpu") or hw == "local-cpu" else "gpu"
+            found = self._profiles.get((engine, family))
+        return found
+
+    def cost(self, provider: str, hardware: str, billed_seconds: float) -> float:
+        row = self.price(provider, hardware)
+        return row.cost(billed_seconds) if row is not None else 0.0
+
+    # -- quotes -------------------------------------------------------------------------------
+    def run_seconds(self, request: SpeechRequest | RenderRequest, hardware_class: str,
+                    default_engine: str = DEFAULT_ENGINE) -> tuple[float, str]:
+        """Expected compute seconds for ``request`` on ``hardware_class`` and the basis of that figure."""
+        engine = request.engine or default_engine
+        if isinstance(request, SpeechRequest):
+            return self._speech_seconds(engine, speech_audio_seconds(request), hardware_class)
         audio_s = request.audio_seconds_hint()
-        run_s = audio_s * request.fps / _CPU_RENDER_FPS
-    return Quote(
-        provider=provider.name,
-        hardware=provider.capabilities.hardware,
-        expected_seconds=run_s,
-        expected_usd=0.0,
-        breakdown={"queue": 0.0, "cold_start": 0.0, "run": run_s},
-        basis="estimate",
-    )
+        seconds, basis = 0.0, "measured"
+        if request.audio is None:
+            seconds, basis = self._speech_seconds(engine, audio_s, hardware_class)
+        prof = self.profile("render", hardware_class)
+        fps = prof.value if prof else 25.0
+        seconds += frames_for(audio_s, request.fps) / fps
+        return seconds, _weaker(basis, prof.basis if prof else "estimate")
+
+    def _speech_seconds(self, engine: str, audio_s: float, hardware_class: str) -> tuple[float, str]:
+        prof = self.profile(engine, hardware_class)
+        if prof is None:
+            return audio_s, "estimate"  # unknown engine: assume real time
+        return audio_s * prof.value, prof.basis
+
+    def quote(
+        self,
+        provider: str,
+        hardware: str,
+        request: SpeechRequest | RenderRequest,
+        *,
+        default_engine: str = DEFAULT_ENGINE,
+        p_cold: float | None = None,
+        queue_s: float = 0.0,
+    ) -> Quote:
+        """Expected seconds (queue + cold start × P(cold) + run) and dollars for ``request``.
+
+        ``p_cold`` defaults to 1 for providers that scale to zero (nothing known about their warmth)
+        and 0 for always-on ones; the manager passes what it has observed.
+        """
+        row = self.price(provider, hardware)
+        hw_class = row.profile if row else ("cpu" if _key(hardware).startswith("cpu") else "gpu")
+        run_s, basis = self.run_seconds(request, hw_class, default_engine)
+        cold_start = row.cold_start_s if row else 0.0
+        pc = (1.0 if cold_start > 0 else 0.0) if p_cold is None else min(1.0, max(0.0, p_cold))
+        cold_s = pc * cold_start
+        expected_s = queue_s + cold_s + run_s
+        breakdown: dict[str, float] = {"queue": queue_s, "cold_start": cold_s, "run": run_s, "p_cold": pc}
+        usd = 0.0
+        if row is None:
+            breakdown["unpriced"] = 1.0
+        else:
+            billable = run_s + (cold_s if row.bills_cold_start else 0.0) + (row.idle_s if row.bills_idle else 0.0)
+            usd = row.cost(billable)
+            breakdown.update(billed_s=row.billed_seconds(billable), usd_per_second=row.usd_per_second)
+        return Quote(provider=provider, hardware=hardware, expected_seconds=expected_s, expected_usd=usd,
+                     breakdown=breakdown, basis=basis)
+
+
+_BASIS_ORDER = {"measured": 0, "published": 1, "config": 1, "estimate": 2}
+
+
+def _weaker(a: str, b: str) -> str:
+    return a if _BASIS_ORDER.get(a, 3) >= _BASIS_ORDER.get(b, 3) else b
+
+
+def speech_audio_seconds(request: SpeechRequest) -> float:
+    """How much audio a speech request should produce: the text's length, capped by ``max_length_ms``."""
+    seconds = estimate_speech_seconds(request.text)
+    if request.max_length_ms is not None:
+        seconds = min(seconds, request.max_length_ms / 1000.0)
+    return seconds
+
+
+# -- the module-level contract --------------------------------------------------------------------
+_default: Catalog | None = None
+
+
+def default_catalog() -> Catalog:
+    """The catalog built from ``Settings()`` (packaged data if settings cannot be read)."""
+    global _default
+    if _default is None:
+        try:
+            from broker.settings import Settings
+
+            _default = Catalog.from_settings(Settings())
+        except ConfigurationError:
+            raise
+        except Exception:  # settings unreadable: prices still work from the packaged data
+            _default = Catalog.packaged()
+    return _default
+
+
+def set_default_catalog(catalog: Catalog | None) -> None:
+    """Replace (or with None, reset) the catalog ``cost_for``/``quote_for`` use."""
+    global _default
+    _default = catalog
+
+
+def quote_for(provider: Provider, request: SpeechRequest | RenderRequest, **kwargs: Any) -> Quote:
+    """Expected $ and seconds for ``request`` on ``provider`` (by its name and hardware)."""
+    return default_catalog().quote(provider.name, provider.capabilities.hardware, request, **kwargs)
 
 
 def cost_for(provider: str, hardware: str, billed_seconds: float) -> float:
     """Dollars for ``billed_seconds`` of ``hardware`` at ``provider`` from the catalog (0 when unknown)."""
-    return 0.0
+    return default_catalog().cost(provider, hardware, billed_seconds)
+
+
+__all__ = [
+    "Catalog",
+    "PerfProfile",
+    "PriceRow",
+    "cost_for",
+    "default_catalog",
+    "parse_prices",
+    "parse_profiles",
+    "quote_for",
+    "set_default_catalog",
+    "speech_audio_seconds",
+]

@@ -168,15 +168,48 @@ class HTTPWorkerSettings(BaseModel):
 class ManagerSettings(BaseModel):
     #: providers to route across, in preference order when quotes tie
     providers: list[str] = Field(default_factory=lambda: ["local"])
-    #: end the chain at the local provider when every cloud provider fails
+    #: end the chain at the local provider when every cloud provider fails (it is never ranked by price)
     fallback_local: bool = True
-    #: "cheapest" | "fastest" | "deadline"
+    #: "cheapest" | "fastest" | "deadline" (code can pass any policy object or callable)
     policy: str = "cheapest"
-    deadline_s: float | None = None
-    hedge_after_s: float | None = None
-    max_usd_per_job: float | None = None
-    daily_budget_usd: float | None = None
-    monthly_budget_usd: float | None = None
+    #: seconds a job may take end to end (the deadline policy also drops providers expected to miss it)
+    deadline_s: float | None = Field(default=None, gt=0)
+    #: the deadline of a job that names none
+    default_deadline_s: float = Field(default=3600.0, gt=0)
+    #: start the next-ranked provider when the first has not started running after this long (off: None)
+    hedge_after_s: float | None = Field(default=None, ge=0)
+    #: a hedge starts only if the job's reservations stay under this many dollars
+    hedge_max_usd: float | None = Field(default=None, ge=0)
+    max_usd_per_job: float | None = Field(default=None, ge=0)
+    daily_budget_usd: float | None = Field(default=None, ge=0)
+    monthly_budget_usd: float | None = Field(default=None, ge=0)
+    #: an attempt reserves quote × this (within what is left), and is stopped before it costs more
+    reserve_factor: float = Field(default=2.0, ge=1.0)
+    #: tries at one provider (first included) for rate limits and 5xx/transport errors
+    attempts_per_provider: int = Field(default=3, ge=1)
+    backoff_initial_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=10.0, ge=0)
+    backoff_jitter_s: float = Field(default=0.5, ge=0)
+    #: with other providers left, waits longer than this (Retry-After, backoff) fail over instead
+    failover_after_s: float = Field(default=2.0, ge=0)
+    #: a job still queued after this long is cancelled and the next provider tried (when the
+    #: provider names no queue_timeout_s of its own)
+    queue_timeout_s: float = Field(default=120.0, gt=0)
+    #: a job running longer than this × its quoted seconds (but at least min_run_timeout_s) is
+    #: cancelled and the next provider tried; None: only the deadline bounds a running job
+    run_timeout_factor: float | None = Field(default=10.0, gt=0)
+    min_run_timeout_s: float = Field(default=60.0, ge=0)
+    #: consecutive failures that open a provider's circuit
+    breaker_failures: int = Field(default=3, ge=1)
+    #: first ejection; each further ejection doubles it, up to breaker_max_ejection_s
+    breaker_ejection_s: float = Field(default=30.0, ge=0)
+    breaker_max_ejection_s: float = Field(default=600.0, ge=0)
+    #: call the provider's own health probe before the half-open trial job
+    probe_on_half_open: bool = True
+    #: check every output (finite, not silent, plausible length, frames match) before returning it
+    validate_output: bool = True
+    #: performance profiles merged over the packaged ones (same columns as broker/data/profiles.csv)
+    profiles_path: str | None = None
 
 
 class LedgerSettings(BaseModel):

@@ -1,8 +1,13 @@
-"""`broker providers`: what is installed, configured and healthy."""
+"""`broker providers`: what is installed, configured and healthy, and how each has behaved lately.
+
+Circuit state, last error and job latency come from the ledger (the memory every process shares):
+the last day of attempts is replayed through a fresh circuit breaker with the configured thresholds.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated, Any
 
 import typer
@@ -13,10 +18,34 @@ from broker.errors import BrokerError
 from broker.providers import registry
 
 
-def _describe(name: str, probe: bool) -> dict[str, Any]:
+def _history(settings: Any) -> dict[str, dict[str, Any]]:
+    """Circuit state, last error and latency per provider, replayed from the ledger's last day."""
+    from broker.health import BreakerConfig, state_from_history
+    from broker.ledger import Ledger
+
+    ms = settings.manager
+    try:
+        ledger = Ledger(settings.ledger.path)
+    except BrokerError:
+        return {}
+    try:
+        rows = ledger.attempts(since=time.time() - 86400)
+    finally:
+        ledger.close()
+    by_provider: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_provider.setdefault(r["provider"], []).append(r)
+    config = BreakerConfig(ms.breaker_failures, ms.breaker_ejection_s, ms.breaker_max_ejection_s)
+    return {name: state_from_history(rs, config) for name, rs in by_provider.items()}
+
+
+def _describe(name: str, probe: bool, history: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     from broker.settings import Settings
 
     row: dict[str, Any] = {"provider": name, "description": registry.entry(name).description}
+    seen = (history or {}).get(name)
+    if seen:
+        row.update(circuit=seen["state"], last_error=seen["last_error"], latency_p50_s=seen["latency_p50_s"])
     try:
         registry.provider_class(name)
         row["installed"] = True
@@ -53,15 +82,19 @@ def providers(
     """List providers: installed, configured, healthy."""
 
     def run() -> None:
-        rows = [_describe(n, probe) for n in registry.names()]
+        from broker.settings import Settings
+
+        history = _history(Settings())
+        rows = [_describe(n, probe, history) for n in registry.names()]
         if as_json:
             print_json(rows)
             return
-        table = Table("provider", "state", "hardware", "latency", "detail")
+        table = Table("provider", "state", "circuit", "hardware", "probe", "job p50", "last error / detail")
         for r in rows:
-            lat = r.get("latency_s")
-            table.add_row(r["provider"], r.get("state", ""), r.get("hardware", ""),
-                          f"{lat * 1000:.0f} ms" if lat else "", r.get("detail", ""))
+            lat, p50 = r.get("latency_s"), r.get("latency_p50_s")
+            table.add_row(r["provider"], r.get("state", ""), r.get("circuit", "-"), r.get("hardware", ""),
+                          f"{lat * 1000:.0f} ms" if lat else "", f"{p50:.2f} s" if p50 else "",
+                          r.get("last_error") or r.get("detail", ""))
         out.print(table)
 
     guarded(run)

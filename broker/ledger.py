@@ -1,0 +1,336 @@
+"""The ledger: every attempt at every provider, what it was reserved and what it cost (SQLite).
+
+One table, one row per attempt: opened (``reserved``) before the provider is called, closed with
+its outcome, billed seconds and cost after. Budgets are checked and the reservation written in
+the same ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file cannot both squeeze
+under the same limit. WAL mode lets readers (``broker costs``) run while jobs write.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.errors import BudgetExceeded, ConfigurationError
+
+SCHEMA_VERSION = 1
+OPEN_STATUSES = ("reserved", "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    task TEXT,
+    provider TEXT NOT NULL,
+    hardware TEXT,
+    provider_job_id TEXT,
+    status TEXT NOT NULL,
+    error_class TEXT,
+    message TEXT,
+    reserved_usd REAL NOT NULL DEFAULT 0,
+    billed_seconds REAL,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    cost_estimated INTEGER NOT NULL DEFAULT 1,
+    hedge INTEGER NOT NULL DEFAULT 0,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS attempts_started ON attempts (started_at);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
+"""
+
+# Spend counts a closed attempt's cost and an open one's reservation (until it expires: a process
+# that died mid-job must not hold the budget forever).
+_SPEND = """
+SELECT COALESCE(SUM(CASE WHEN status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > ?)
+                        THEN MAX(reserved_usd, cost_usd)
+                        ELSE cost_usd END), 0)
+FROM attempts WHERE {where}
+"""
+
+
+@dataclass(frozen=True)
+class SpendLimit:
+    """A cap on spend: over a rolling window (``window_s``) or for one job (``job_id``)."""
+
+    label: str
+    cap_usd: float
+    window_s: float | None = None
+    job_id: str | None = None
+
+
+class Ledger:
+    def __init__(self, path: str | Path = ":memory:", *, busy_timeout_s: float = 30.0,
+                 write_behind_s: float = 0.05) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            p = Path(self.path).expanduser()
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(f"cannot create the ledger directory {p.parent}: {exc.strerror}") from None
+            self.path = str(p)
+        self._lock = threading.Lock()
+        # Finished attempts are written behind, in batches: one transaction per ~50 ms instead of one
+        # per job keeps the manager's overhead in microseconds. Reads and reservations flush first.
+        self.write_behind_s = write_behind_s
+        self._pending: list[tuple[Any, ...]] = []
+        self._pending_updates: list[tuple[Any, ...]] = []
+        self._timer: threading.Timer | None = None
+        try:
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot open the ledger {self.path}: {exc}") from None
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            if self.path != ":memory:":
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+                row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"the ledger {self.path} has schema {row[0]}; this broker knows up to {SCHEMA_VERSION}"
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        _LIVE.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Ledger {self.path}>"
+
+    # -- writing ----------------------------------------------------------------------------
+    def open_attempt(
+        self,
+        job_id: str,
+        provider: str,
+        *,
+        hardware: str | None = None,
+        task: str | None = None,
+        reserved_usd: float = 0.0,
+        min_reserved_usd: float | None = None,
+        expires_at: float | None = None,
+        hedge: bool = False,
+        limits: Sequence[SpendLimit] = (),
+        now: float | None = None,
+    ) -> tuple[int, float]:
+        """Record an attempt about to start; returns (attempt id, dollars reserved).
+
+        With ``limits``, the reservation is ``reserved_usd`` shrunk to the headroom left under every
+        limit, but never below ``min_reserved_usd`` (default: all of it): if that does not fit,
+        ``BudgetExceeded`` is raised and nothing is written.
+        """
+        now = time.time() if now is None else now
+        insert = ("INSERT INTO attempts (job_id, task, provider, hardware, status, reserved_usd, hedge, "
+                  "started_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        with self._lock:
+            if not limits:
+                row = (job_id, task, provider, hardware, "reserved", reserved_usd, int(hedge), now, expires_at)
+                cur = self._db.execute(insert, row)
+                return int(cur.lastrowid or 0), reserved_usd
+            floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
+            self._flush_locked()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                amount = reserved_usd
+                for limit in limits:
+                    spent = self._spent(now, limit)
+                    headroom = limit.cap_usd - spent
+                    if headroom + 1e-12 < floor:
+                        raise BudgetExceeded(
+                            f"{limit.label}: ${spent:.6f} already spent or reserved; this attempt needs "
+                            f"${floor:.6f} more and the limit is ${limit.cap_usd:g}"
+                        )
+                    amount = min(amount, headroom)
+                amount = max(amount, floor)
+                row = (job_id, task, provider, hardware, "reserved", amount, int(hedge), now, expires_at)
+                cur = self._db.execute(insert, row)
+                self._db.execute("COMMIT")
+                return int(cur.lastrowid or 0), amount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def record_attempt(
+        self,
+        job_id: str,
+        provider: str,
+        status: str,
+        *,
+        hardware: str | None = None,
+        task: str | None = None,
+        hedge: bool = False,
+        reserved_usd: float = 0.0,
+        started_at: float,
+        provider_job_id: str | None = None,
+        billed_seconds: float | None = None,
+        cost_usd: float = 0.0,
+        cost_estimated: bool = True,
+        error_class: str | None = None,
+        message: str | None = None,
+        ended_at: float | None = None,
+    ) -> None:
+        """Write a finished attempt in one go (used when no budget needed it reserved up front)."""
+        row = (job_id, task, provider, hardware, provider_job_id, status, error_class, (message or "")[:500] or None,
+               reserved_usd, billed_seconds, cost_usd, int(cost_estimated), int(hedge), started_at,
+               time.time() if ended_at is None else ended_at)
+        with self._lock:
+            self._pending.append(row)
+            self._schedule_flush()
+
+    def close_attempt(
+        self,
+        attempt_id: int,
+        status: str,
+        *,
+        provider_job_id: str | None = None,
+        billed_seconds: float | None = None,
+        cost_usd: float = 0.0,
+        cost_estimated: bool = True,
+        error_class: str | None = None,
+        message: str | None = None,
+        ended_at: float | None = None,
+    ) -> None:
+        row = (status, provider_job_id, billed_seconds, cost_usd, int(cost_estimated), error_class,
+               (message or "")[:500] or None, time.time() if ended_at is None else ended_at, attempt_id)
+        with self._lock:
+            # Until this lands the reservation still counts in full: late is safe, never optimistic.
+            self._pending_updates.append(row)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self.write_behind_s <= 0 or len(self._pending) + len(self._pending_updates) >= 512:
+            self._flush_locked()
+        elif self._timer is None:
+            self._timer = threading.Timer(self.write_behind_s, self.flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Write every attempt still held in memory."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not (self._pending or self._pending_updates):
+            return
+        inserts, updates = self._pending, self._pending_updates
+        self._pending, self._pending_updates = [], []
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.ProgrammingError:  # closed
+            return
+        try:
+            if inserts:
+                self._db.executemany(
+                    "INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, "
+                    "message, reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+            if updates:
+                self._db.executemany(
+                    "UPDATE attempts SET status = ?, provider_job_id = COALESCE(?, provider_job_id), "
+                    "billed_seconds = ?, cost_usd = ?, cost_estimated = ?, error_class = ?, message = ?, "
+                    "ended_at = ? WHERE id = ?", updates)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._pending[:0], self._pending_updates[:0] = inserts, updates
+            raise
+
+    # -- reading ----------------------------------------------------------------------------
+    def _spent(self, now: float, limit: SpendLimit) -> float:
+        args: tuple[Any, ...]
+        if limit.job_id is not None:
+            sql, args = _SPEND.format(where="job_id = ?"), (now, limit.job_id)
+        elif limit.window_s is not None:
+            sql, args = _SPEND.format(where="started_at >= ?"), (now, now - limit.window_s)
+        else:
+            sql, args = _SPEND.format(where="1"), (now,)
+        return float(self._db.execute(sql, args).fetchone()[0])
+
+    def spent(self, *, window_s: float | None = None, job_id: str | None = None, now: float | None = None) -> float:
+        """Dollars spent (and still reserved) over the last ``window_s`` seconds, or by one job, or ever."""
+        with self._lock:
+            self._flush_locked()
+            return self._spent(time.time() if now is None else now, SpendLimit("spent", 0.0, window_s, job_id))
+
+    def total(self) -> float:
+        """Dollars billed across every closed attempt."""
+        with self._lock:
+            self._flush_locked()
+            return float(self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0])
+
+    def attempts(self, *, job_id: str | None = None, provider: str | None = None, since: float | None = None,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+        where: list[str] = ["1"]
+        args: list[Any] = []
+        if job_id is not None:
+            where.append("job_id = ?")
+            args.append(job_id)
+        if provider is not None:
+            where.append("provider = ?")
+            args.append(provider)
+        if since is not None:
+            where.append("started_at >= ?")
+            args.append(since)
+        sql = f"SELECT * FROM attempts WHERE {' AND '.join(where)} ORDER BY started_at, id"
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql.replace('ORDER BY started_at, id', 'ORDER BY started_at DESC, id DESC')} " \
+                  f"LIMIT {int(limit)}) ORDER BY started_at, id"
+        with self._lock:
+            self._flush_locked()
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def summary(self, *, since: float | None = None) -> list[dict[str, Any]]:
+        """Spend by provider and UTC day: attempts, successes, billed seconds, dollars."""
+        sql = (
+            "SELECT date(started_at, 'unixepoch') AS day, provider, COUNT(*) AS attempts, "
+            "SUM(status = 'succeeded') AS succeeded, SUM(status IN ('failed', 'lost')) AS failed, "
+            "COALESCE(SUM(billed_seconds), 0) AS billed_seconds, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
+            "SUM(cost_estimated) AS estimated "
+            "FROM attempts WHERE started_at >= ? GROUP BY day, provider ORDER BY day, provider"
+        )
+        with self._lock:
+            self._flush_locked()
+            return [dict(r) for r in self._db.execute(sql, (since or 0.0,)).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush_locked()
+            self._db.close()
+        _LIVE.discard(self)
+
+
+_LIVE: weakref.WeakSet[Ledger] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    """Attempts still held in memory reach the file when the interpreter exits normally."""
+    for ledger in list(_LIVE):
+        try:
+            ledger.flush()
+        except sqlite3.Error:
+            pass

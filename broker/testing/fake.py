@@ -1,0 +1,290 @@
+"""Scripted fake providers: a real ``Provider``/``Job`` whose every job follows a script.
+
+Use them to test code that calls broker without any cloud account, and to rehearse failures::
+
+    flaky = FakeProvider("flaky", script={"ok": 0.7, "unavailable": 0.2, "lost": 0.1}, seed=1)
+    slow = FakeProvider("slow", script=["stuck", "ok"], latency_s=0.2, usd_per_second=0.0004)
+    manager = CloudGPUManager([flaky, slow], catalog=fake_catalog(flaky, slow))
+
+Behaviours (one per submitted job):
+
+=============== ===================================================================
+``ok``           queued ``queue_s``, running ``latency_s``, then plausible audio/video; billed
+                 ``usd_per_second`` × the seconds it ran (or a fixed ``billed_seconds``)
+``unavailable``  ``submit`` raises ``ProviderUnavailable`` (an HTTP 5xx)
+``rate_limited`` ``submit`` raises ``RateLimited`` with ``retry_after=retry_after_s``
+``transport``    ``submit`` raises ``ConnectionResetError`` (the network, not the API)
+``invalid``      ``submit`` raises ``InvalidRequest``
+``stuck``        accepted, then sits in the queue until cancelled
+``hang``         starts running and never finishes (times out)
+``failed``       runs, then fails with ``JobFailed``
+``lost``         runs, then dies mid-job (``JobLost``, state ``lost``)
+``silent``       succeeds with silent audio (a video with the wrong frame count)
+``truncated``    succeeds with audio far too short for the text
+``nan``          succeeds with NaN samples
+=============== ===================================================================
+
+Every job is kept in ``provider.jobs`` so a test can check none was left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+
+import numpy as np
+
+from broker.errors import InvalidRequest, JobFailed, JobLost, ProviderUnavailable, RateLimited
+from broker.media import SAMPLE_RATE, Audio, AudioChunk, Video, frames_for
+from broker.pricing import Catalog, PriceRow
+from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
+from broker.types import RenderRequest, SpeechRequest, estimate_speech_seconds
+
+BEHAVIOURS = ("ok", "unavailable", "rate_limited", "transport", "invalid", "stuck", "hang", "failed", "lost",
+              "silent", "truncated", "nan")
+_SUBMIT_ERRORS = ("unavailable", "rate_limited", "transport", "invalid")
+_FOREVER = 10**9
+
+Script = Sequence[str] | Mapping[str, float] | Callable[[random.Random], str]
+
+_TONES: dict[int, np.ndarray] = {}
+
+
+def _tone(seconds: float) -> np.ndarray:
+    """A quiet 220 Hz tone (cached by length): plausible audio that costs nothing to make."""
+    n = max(1, round(seconds * 10) * SAMPLE_RATE // 10)
+    arr = _TONES.get(n)
+    if arr is None:
+        t = np.arange(n, dtype=np.float32) / SAMPLE_RATE
+        arr = (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
+        arr.setflags(write=False)
+        _TONES[n] = arr
+    return arr
+
+
+def _audio_seconds(request: Request) -> float:
+    if isinstance(request, SpeechRequest):
+        seconds = estimate_speech_seconds(request.text) * 0.9
+        if request.max_length_ms is not None:
+            seconds = min(seconds, request.max_length_ms / 1000.0)
+        return seconds
+    return request.audio_seconds_hint()
+
+
+def make_output(request: Request, behaviour: str = "ok") -> Audio | Video:
+    """What a provider following ``behaviour`` returns for ``request``."""
+    seconds = _audio_seconds(request)
+    if isinstance(request, RenderRequest):
+        frames = frames_for(seconds, request.fps)
+        if behaviour in ("silent", "truncated", "nan"):
+            frames = max(1, frames // 4)  # the video stops early: frame count no longer matches its audio
+        data = b"\x00\x00\x00\x18ftypisom" + bytes(64)
+        return Video(data, request.fps, frames, request.size, request.size, seconds)
+    if behaviour == "silent":
+        return Audio(np.zeros(int(seconds * SAMPLE_RATE) or 1, dtype=np.float32))
+    if behaviour == "truncated":
+        return Audio(_tone(max(0.1, seconds * 0.05)).copy())
+    if behaviour == "nan":
+        arr = _tone(seconds).copy()
+        arr[len(arr) // 2] = np.nan
+        return Audio(arr)
+    return Audio(_tone(seconds).copy())
+
+
+class FakeJob(Job):
+    def __init__(self, provider: FakeProvider, request: Request, behaviour: str, stream: bool) -> None:
+        super().__init__(provider.name, f"fake-{uuid.uuid4().hex[:12]}", request)
+        self.behaviour = behaviour
+        self.cancel_called = False
+        self._provider = provider
+        self._stream = stream
+        self._run_started: float | None = None
+        self._cold = provider._take_cold_start()
+        if behaviour == "ok" and provider.queue_s == 0 and provider.latency_s == 0 and not self._cold:
+            # Zero-latency fast path: done before submit returns, like a provider answering synchronously.
+            self._set_state(JobState.RUNNING)
+            self._run_started = time.monotonic()
+            self._finish()
+            self._task: asyncio.Task[None] | None = None
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        p = self._provider
+        if self.behaviour == "stuck":
+            await asyncio.sleep(_FOREVER)
+        if p.queue_s:
+            await asyncio.sleep(p.queue_s)
+        self._set_state(JobState.RUNNING)
+        self._run_started = time.monotonic()
+        if self._cold:
+            await asyncio.sleep(p.cold_start_s)
+        if self.behaviour == "hang":
+            await asyncio.sleep(_FOREVER)
+        if p.latency_s:
+            await asyncio.sleep(p.latency_s)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.billing = self._bill()
+        if self.behaviour == "failed":
+            self._fail(JobFailed("worker raised RuntimeError: CUDA error", provider=self.provider, job_id=self.id))
+        elif self.behaviour == "lost":
+            self._fail(JobLost("worker died mid-job", provider=self.provider, job_id=self.id), JobState.LOST)
+        else:
+            self._succeed(make_output(self.request, self.behaviour))
+
+    def _bill(self) -> Billing:
+        p = self._provider
+        ran = time.monotonic() - self._run_started if self._run_started is not None else 0.0
+        billed = ran + (p.idle_billed_s if self._run_started is not None else 0.0)
+        if p.billed_seconds is not None and self._run_started is not None:
+            billed = p.billed_seconds  # a fixed bill, whatever the clock says (deterministic budget tests)
+        return Billing(billed_seconds=billed, cost_usd=billed * p.usd_per_second, estimated=False,
+                       hardware=p.capabilities.hardware, run_seconds=ran)
+
+    async def _refresh(self) -> None:
+        await asyncio.sleep(0)
+
+    async def wait(self, timeout: float | None = None) -> JobState:
+        if not self._state.terminal and self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                pass
+        return self._state
+
+    async def _cancel(self) -> None:
+        self.cancel_called = True
+        self._provider.cancels += 1
+        if self._task is not None:
+            self._task.cancel()
+        self.billing = self._bill()
+
+    async def stream(self) -> AsyncIterator[AudioChunk]:
+        if not self._stream:
+            async for chunk in super().stream():
+                yield chunk
+            return
+        await self.wait()
+        if self.error is not None:
+            raise self.error
+        out = self.output
+        if not isinstance(out, Audio):
+            raise TypeError("only speech jobs stream audio")
+        parts = np.array_split(out.samples, 3)
+        for i, part in enumerate(parts):
+            await asyncio.sleep(0)
+            yield AudioChunk(Audio(part, out.sample_rate), i, final=i == len(parts) - 1)
+
+
+class FakeProvider(Provider):
+    """A provider whose jobs follow ``script``; see the module docstring for the behaviours."""
+
+    def __init__(
+        self,
+        name: str = "fake",
+        *,
+        script: Script = ("ok",),
+        latency_s: float = 0.0,
+        queue_s: float = 0.0,
+        cold_start_s: float = 0.0,
+        idle_billed_s: float = 0.0,
+        usd_per_second: float = 0.0,
+        billed_seconds: float | None = None,
+        hardware: str = "fake-gpu",
+        retry_after_s: float | None = 0.05,
+        queue_timeout_s: float | None = None,
+        healthy: bool = True,
+        seed: int | None = 0,
+        tasks: frozenset[str] = frozenset({"speech", "render"}),
+        engines: frozenset[str] = frozenset({"piper", "csm"}),
+        streaming: bool = True,
+    ) -> None:
+        self.name = name
+        self.latency_s = latency_s
+        self.queue_s = queue_s
+        self.cold_start_s = cold_start_s
+        self.idle_billed_s = idle_billed_s
+        self.usd_per_second = usd_per_second
+        self.billed_seconds = billed_seconds
+        self.retry_after_s = retry_after_s
+        self.queue_timeout_s = queue_timeout_s
+        self.healthy = healthy
+        self.capabilities = Capabilities(tasks=tasks, engines=engines, streaming=streaming, hardware=hardware)
+        self.rng = random.Random(seed)
+        self._next = self._behaviour_source(script)
+        self.jobs: list[FakeJob] = []
+        self.submits = 0
+        self.cancels = 0
+        self.health_probes = 0
+        self._warm = False
+
+    def _behaviour_source(self, script: Script) -> Callable[[], str]:
+        if callable(script):
+            return lambda: script(self.rng)  # type: ignore[operator]
+        if isinstance(script, Mapping):
+            names, weights = list(script), list(script.values())
+            for n in names:
+                _check(n)
+            return lambda: self.rng.choices(names, weights)[0]
+        steps = [_check(s) for s in script] or ["ok"]
+        it = itertools.chain(steps, itertools.repeat(steps[-1]))
+        return lambda: next(it)
+
+    def _take_cold_start(self) -> bool:
+        cold = self.cold_start_s > 0 and not self._warm
+        self._warm = True
+        return cold
+
+    def set_script(self, script: Script) -> None:
+        self._next = self._behaviour_source(script)
+
+    async def submit(self, request: Request, *, stream: bool = False) -> Job:
+        self.submits += 1
+        behaviour = self._next()
+        if behaviour == "unavailable":
+            raise ProviderUnavailable(f"{self.name}: 503 Service Unavailable", provider=self.name, status_code=503)
+        if behaviour == "rate_limited":
+            raise RateLimited(f"{self.name}: 429 Too Many Requests", provider=self.name,
+                              retry_after=self.retry_after_s, status_code=429)
+        if behaviour == "transport":
+            raise ConnectionResetError(f"connection to {self.name} reset by peer")
+        if behaviour == "invalid":
+            raise InvalidRequest("text", f"{self.name} rejects this text")
+        job = FakeJob(self, request, behaviour, stream)
+        self.jobs.append(job)
+        return job
+
+    async def health(self) -> HealthReport:
+        self.health_probes += 1
+        return HealthReport(ok=self.healthy, detail="scripted", latency_s=0.0)
+
+    def price_row(self) -> PriceRow:
+        """The catalog row that prices this fake like a real provider (per second, cold start billed)."""
+        return PriceRow(provider=self.name.lower(), hardware=(self.capabilities.hardware.lower(),), profile="gpu",
+                        usd_per_second=self.usd_per_second, min_billed_s=0.0, increment_s=0.0,
+                        cold_start_s=self.cold_start_s, idle_s=self.idle_billed_s, basis="config",
+                        billing_model="scripted fake", source="broker.testing.fake")
+
+    def left_running(self) -> list[FakeJob]:
+        """Jobs neither finished nor cancelled (a manager that abandons work leaves some here)."""
+        return [j for j in self.jobs if not j.state.terminal]
+
+
+def _check(name: str) -> str:
+    if name not in BEHAVIOURS:
+        raise ValueError(f"unknown fake behaviour {name!r}; choose from {', '.join(BEHAVIOURS)}")
+    return name
+
+
+def fake_catalog(*providers: FakeProvider, base: Catalog | None = None) -> Catalog:
+    """The packaged catalog plus a price row for each fake."""
+    return (base or Catalog.packaged()).with_prices(p.price_row() for p in providers)
+
+
+__all__ = ["BEHAVIOURS", "FakeJob", "FakeProvider", "fake_catalog", "make_output"]
