@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.ledger import Ledger, SpendLimit
+from broker.ledger import Ledger, LedgerBusy, SpendLimit
 
 DAY_S = 24 * 3600.0
 MONTH_S = 30 * DAY_S
@@ -82,6 +82,16 @@ class Accountant:
                 "job_id": job_id, "provider": provider, "hardware": hardware, "task": task, "hedge": hedge,
                 "reserved_usd": quote_usd, "started_at": time.time()})
         wanted = quote_usd * self.budget.reserve_factor
+        kwargs = dict(hardware=hardware, task=task, reserved_usd=wanted, min_reserved_usd=quote_usd,
+                      expires_at=expires_at, hedge=hedge, limits=limits)
+        if not self._lock.locked():
+            # Usually nobody else is writing: reserve right here, without a thread hop.
+            try:
+                aid, usd = self.ledger.open_attempt(job_id, provider, now=time.time(), wait=False,
+                                                    **kwargs)  # type: ignore[arg-type]
+                return Reservation(aid, usd, capped=True)
+            except LedgerBusy:
+                pass
         async with self._lock:
             # A worker thread: another process may hold the write lock for a moment (busy_timeout).
             aid, usd = await asyncio.to_thread(

@@ -1,9 +1,11 @@
 """The ledger: every attempt at every provider, what it was reserved and what it cost (SQLite).
 
-One table, one row per attempt: opened (``reserved``) before the provider is called, closed with
-its outcome, billed seconds and cost after. Budgets are checked and the reservation written in
-the same ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file cannot both squeeze
-under the same limit. WAL mode lets readers (``broker costs``) run while jobs write.
+One table, one row per attempt: opened (``reserved``) before the provider is called when a budget
+needs it, closed with its outcome, billed seconds and cost after. Budgets are checked and the
+reservation written in the same ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file
+cannot both squeeze under the same limit. WAL mode lets readers (``broker costs``) run while jobs
+write. Settled spend is also summed into minute and hour buckets, so checking a rolling daily or
+monthly budget reads at most a few thousand small rows however many attempts the ledger holds.
 """
 
 from __future__ import annotations
@@ -46,16 +48,36 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_started ON attempts (started_at);
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
+CREATE INDEX IF NOT EXISTS attempts_open ON attempts (started_at) WHERE status IN ('reserved', 'running');
+CREATE TABLE IF NOT EXISTS spend_buckets (
+    width INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    usd REAL NOT NULL,
+    PRIMARY KEY (width, start)
+) WITHOUT ROWID;
 """
 
-# Spend counts a closed attempt's cost and an open one's reservation (until it expires: a process
-# that died mid-job must not hold the budget forever).
+#: bucket widths for settled spend: minutes for windows up to two days, hours beyond
+_BUCKETS = (60, 3600)
+
+# A job's spend counts a closed attempt's cost and an open one's reservation (until it expires: a
+# process that died mid-job must not hold the budget forever).
 _SPEND = """
 SELECT COALESCE(SUM(CASE WHEN status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > ?)
                         THEN MAX(reserved_usd, cost_usd)
                         ELSE cost_usd END), 0)
 FROM attempts WHERE {where}
 """
+
+
+_OPEN_SPEND = """
+SELECT COALESCE(SUM(MAX(reserved_usd, cost_usd)), 0) FROM attempts
+WHERE status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > ?) AND started_at >= ?
+"""
+
+
+class LedgerBusy(Exception):
+    """Another process holds the write lock right now (raised only when asked not to wait)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +107,11 @@ class Ledger:
         self.write_behind_s = write_behind_s
         self._pending: list[tuple[Any, ...]] = []
         self._pending_updates: list[tuple[Any, ...]] = []
-        self._timer: threading.Timer | None = None
+        self._closed = False
+        self._wake = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._written: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = ([], [])
+        self._busy_ms = int(busy_timeout_s * 1000)
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
@@ -132,12 +158,14 @@ class Ledger:
         hedge: bool = False,
         limits: Sequence[SpendLimit] = (),
         now: float | None = None,
+        wait: bool = True,
     ) -> tuple[int, float]:
         """Record an attempt about to start; returns (attempt id, dollars reserved).
 
         With ``limits``, the reservation is ``reserved_usd`` shrunk to the headroom left under every
         limit, but never below ``min_reserved_usd`` (default: all of it): if that does not fit,
-        ``BudgetExceeded`` is raised and nothing is written.
+        ``BudgetExceeded`` is raised and nothing is written. With ``wait=False``, ``LedgerBusy`` is
+        raised at once if another process holds the write lock (the caller then waits off the loop).
         """
         now = time.time() if now is None else now
         insert = ("INSERT INTO attempts (job_id, task, provider, hardware, status, reserved_usd, hedge, "
@@ -148,9 +176,19 @@ class Ledger:
                 cur = self._db.execute(insert, row)
                 return int(cur.lastrowid or 0), reserved_usd
             floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
-            self._flush_locked()
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                if not wait:
+                    self._db.execute("PRAGMA busy_timeout = 0")
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if wait or "lock" not in str(exc):
+                    raise
+                raise LedgerBusy(str(exc)) from None
+            finally:
+                if not wait:
+                    self._db.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            try:
+                self._write_pending()  # finished attempts ride along in this transaction
                 amount = reserved_usd
                 for limit in limits:
                     spent = self._spent(now, limit)
@@ -165,9 +203,11 @@ class Ledger:
                 row = (job_id, task, provider, hardware, "reserved", amount, int(hedge), now, expires_at)
                 cur = self._db.execute(insert, row)
                 self._db.execute("COMMIT")
+                self._written = ([], [])
                 return int(cur.lastrowid or 0), amount
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._requeue()
                 raise
 
     def record_attempt(
@@ -220,10 +260,14 @@ class Ledger:
     def _schedule_flush(self) -> None:
         if self.write_behind_s <= 0 or len(self._pending) + len(self._pending_updates) >= 512:
             self._flush_locked()
-        elif self._timer is None:
-            self._timer = threading.Timer(self.write_behind_s, self.flush)
-            self._timer.daemon = True
-            self._timer.start()
+            return
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=_flusher, args=(weakref.ref(self), self._wake,
+                                                                     self.write_behind_s),
+                                             name="broker-ledger", daemon=True)
+            self._flusher.start()
+        if not self._wake.is_set():
+            self._wake.set()
 
     def flush(self) -> None:
         """Write every attempt still held in memory."""
@@ -231,44 +275,66 @@ class Ledger:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if not (self._pending or self._pending_updates):
             return
-        inserts, updates = self._pending, self._pending_updates
-        self._pending, self._pending_updates = [], []
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.ProgrammingError:  # closed
             return
         try:
-            if inserts:
-                self._db.executemany(
-                    "INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, "
-                    "message, reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
-            if updates:
-                self._db.executemany(
-                    "UPDATE attempts SET status = ?, provider_job_id = COALESCE(?, provider_job_id), "
-                    "billed_seconds = ?, cost_usd = ?, cost_estimated = ?, error_class = ?, message = ?, "
-                    "ended_at = ? WHERE id = ?", updates)
+            self._write_pending()
             self._db.execute("COMMIT")
+            self._written = ([], [])
         except BaseException:
             self._db.execute("ROLLBACK")
-            self._pending[:0], self._pending_updates[:0] = inserts, updates
+            self._requeue()
             raise
+
+    def _write_pending(self) -> None:
+        """Write held attempts inside the caller's transaction (kept in ``_written`` until it commits)."""
+        inserts, updates = self._pending, self._pending_updates
+        self._pending, self._pending_updates = [], []
+        self._written = (inserts, updates)
+        if inserts:
+            self._db.executemany(
+                "INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, "
+                "message, reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+        if updates:
+            self._db.executemany(
+                "UPDATE attempts SET status = ?, provider_job_id = COALESCE(?, provider_job_id), "
+                "billed_seconds = ?, cost_usd = ?, cost_estimated = ?, error_class = ?, message = ?, "
+                "ended_at = ? WHERE id = ?", updates)
+        buckets: dict[tuple[int, int], float] = {}
+        settled = [(r[14], r[10]) for r in inserts] + [(u[7], u[3]) for u in updates]
+        for ended, usd in settled:
+            if usd:
+                for width in _BUCKETS:
+                    key = (width, int(ended // width) * width)
+                    buckets[key] = buckets.get(key, 0.0) + usd
+        if buckets:
+            self._db.executemany(
+                "INSERT INTO spend_buckets VALUES (?, ?, ?) "
+                "ON CONFLICT (width, start) DO UPDATE SET usd = usd + excluded.usd",
+                [(w, start, usd) for (w, start), usd in buckets.items()])
+
+    def _requeue(self) -> None:
+        """The transaction that carried held attempts rolled back: hold them again."""
+        inserts, updates = self._written
+        self._written = ([], [])
+        self._pending[:0], self._pending_updates[:0] = inserts, updates
 
     # -- reading ----------------------------------------------------------------------------
     def _spent(self, now: float, limit: SpendLimit) -> float:
-        args: tuple[Any, ...]
         if limit.job_id is not None:
-            sql, args = _SPEND.format(where="job_id = ?"), (now, limit.job_id)
-        elif limit.window_s is not None:
-            sql, args = _SPEND.format(where="started_at >= ?"), (now, now - limit.window_s)
-        else:
-            sql, args = _SPEND.format(where="1"), (now,)
-        return float(self._db.execute(sql, args).fetchone()[0])
+            return float(self._db.execute(_SPEND.format(where="job_id = ?"), (now, limit.job_id)).fetchone()[0])
+        since = now - limit.window_s if limit.window_s is not None else 0.0
+        width = _BUCKETS[0] if limit.window_s is not None and limit.window_s <= 2 * 86400 else _BUCKETS[-1]
+        # The bucket holding the window's start counts whole: an early "no", never an overspend.
+        settled = self._db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend_buckets WHERE width = ? AND start >= ?",
+                                   (width, int(since // width) * width)).fetchone()[0]
+        reserved = self._db.execute(_OPEN_SPEND, (now, since)).fetchone()[0]
+        return float(settled) + float(reserved)
 
     def spent(self, *, window_s: float | None = None, job_id: str | None = None, now: float | None = None) -> float:
         """Dollars spent (and still reserved) over the last ``window_s`` seconds, or by one job, or ever."""
@@ -318,9 +384,34 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._flush_locked()
+            self._closed = True
             self._db.close()
+        self._wake.set()
         _LIVE.discard(self)
+
+
+def _flusher(ref: weakref.ref[Ledger], wake: threading.Event, delay: float) -> None:
+    """One thread per ledger: when woken, wait ``delay`` for more attempts, then write them together.
+
+    It holds the ledger only weakly and ends when the ledger is closed or collected."""
+    while True:
+        if not wake.wait(timeout=5.0):
+            if ref() is None:
+                return
+            continue
+        time.sleep(delay)
+        wake.clear()
+        ledger = ref()
+        if ledger is None or ledger._closed:
+            return
+        try:
+            ledger.flush()
+        except sqlite3.Error:
+            pass  # a reader or the next reservation will try again
+        del ledger
 
 
 _LIVE: weakref.WeakSet[Ledger] = weakref.WeakSet()

@@ -55,13 +55,15 @@ _TONES: dict[int, np.ndarray] = {}
 
 
 def _tone(seconds: float) -> np.ndarray:
-    """A quiet 220 Hz tone (cached by length): plausible audio that costs nothing to make."""
+    """A 220 Hz tone, cached by length: plausible audio that costs nothing to make.
+
+    Outputs of the same length share this buffer (a fake answers thousands of jobs a second);
+    copy it before writing to it."""
     n = max(1, round(seconds * 10) * SAMPLE_RATE // 10)
     arr = _TONES.get(n)
     if arr is None:
         t = np.arange(n, dtype=np.float32) / SAMPLE_RATE
         arr = (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
-        arr.setflags(write=False)
         _TONES[n] = arr
     return arr
 
@@ -87,12 +89,12 @@ def make_output(request: Request, behaviour: str = "ok") -> Audio | Video:
     if behaviour == "silent":
         return Audio(np.zeros(int(seconds * SAMPLE_RATE) or 1, dtype=np.float32))
     if behaviour == "truncated":
-        return Audio(_tone(max(0.1, seconds * 0.05)).copy())
+        return Audio(_tone(max(0.1, seconds * 0.05)))
     if behaviour == "nan":
         arr = _tone(seconds).copy()
         arr[len(arr) // 2] = np.nan
         return Audio(arr)
-    return Audio(_tone(seconds).copy())
+    return Audio(_tone(seconds))
 
 
 class FakeJob(Job):
