@@ -187,7 +187,6 @@ class ProviderHealth:
             self.cooldown_until = max(self.cooldown_until or 0.0, now + retry_after)
         self.last_error = error
         self.last_error_at = now
-        self.last_activity = now
         self.failures += 1
 
     def snapshot(self, now: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 from broker.attempt import ProviderRun
 from broker.budget import Accountant, Budget
-from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded
+from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
 from broker.health import BreakerConfig, HealthBoard
 from broker.ledger import Ledger
 from broker.media import Audio, AudioChunk, Video
@@ -31,6 +32,8 @@ from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobS
 from broker.retry import Action, RetryRules, classify
 from broker.settings import Settings
 from broker.types import Attempt, JobReport, Quote, RenderRequest, Segment, SpeechRequest, build
+
+log = logging.getLogger("broker.manager")
 
 Output = Audio | Video
 _ROUTING_OPTIONS = ("deadline_s", "max_usd", "policy")
@@ -89,6 +92,11 @@ class ManagedJob(Job):
             self._finish_report()
             self._fail(exc)
             return
+        except Exception as exc:  # a bug here must still end the job with a typed error
+            log.exception("job %s: internal error while routing", self.id)
+            self._finish_report()
+            self._fail(JobFailed(f"internal error in the manager: {type(exc).__name__}: {exc}"))
+            return
         self._finish_report(out)
         out.report = self.report
         self._succeed(out)
@@ -132,6 +140,8 @@ class ManagedJob(Job):
                 if classify(exc) is Action.ABORT:
                     last_abort = exc
                     break
+                log.info("job %s: %s failed (%s: %s); trying the next provider", self.id, first.name,
+                         type(exc).__name__, exc.message)
         if last_abort is not None:
             raise last_abort
         raise self._final_error()

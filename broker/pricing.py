@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -102,8 +103,9 @@ class PerfProfile:
 def _read_csv(text: str, origin: str) -> Iterator[dict[str, str]]:
     lines = text.splitlines()
     for line in lines:
-        if line.startswith("#") and "schema_version=" in line:
-            version = int(line.split("schema_version=", 1)[1].split()[0].strip(".,;"))
+        found = re.search(r"schema_version=(\d+)", line) if line.startswith("#") else None
+        if found:
+            version = int(found.group(1))
             if version > SCHEMA_VERSION:
                 raise ConfigurationError(
                     f"{origin} has schema_version={version}; this broker reads up to {SCHEMA_VERSION}"

@@ -128,3 +128,9 @@ def test_quote_for_contract_uses_provider_name_and_hardware() -> None:
         assert q.provider == "runpod" and q.hardware == "A100-80GB" and q.expected_usd > 0
     finally:
         pricing.set_default_catalog(None)
+
+
+def test_the_example_override_file_parses() -> None:
+    root = Path(__file__).resolve().parent.parent
+    rows = parse_prices((root / "config" / "prices.example.csv").read_text(), "prices.example.csv")
+    assert {r.provider for r in rows} == {"runpod", "modal"}
