@@ -344,7 +344,10 @@ class CloudGPUManager(Provider):
     def quote_provider(self, provider: Provider, request: Request) -> Quote:
         """``provider``'s quote for ``request``, using what health has seen of its queue and warmth."""
         if type(provider).quote is not Provider.quote:
-            return provider.quote(request)  # type: ignore[no-any-return]  # the provider prices itself
+            try:
+                return provider.quote(request)  # type: ignore[no-any-return]  # the provider prices itself
+            except Exception as exc:  # a broken quote must not stop routing: fall back to the catalog
+                log.warning("%s: quote failed (%s); using the catalog", provider.name, exc)
         hw = provider.capabilities.hardware
         row = self.catalog.price(provider.name, hw)
         h = self.health_board[provider.name]
