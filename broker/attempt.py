@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -290,7 +290,7 @@ class ProviderRun:
                                    retry_after=getattr(error, "retry_after", None))
 
     # -- streaming ----------------------------------------------------------------------------
-    async def stream(self) -> AsyncIterator[AudioChunk]:
+    async def stream(self) -> AsyncGenerator[AudioChunk, None]:
         """One streaming try: chunks as they come. Bad first chunks fail over; later trouble is raised."""
         m, j = self.manager, self.job
         health = m.health_board[self.name]
@@ -309,16 +309,25 @@ class ProviderRun:
         started_wall, t0 = time.time(), time.monotonic()
         job: Job | None = None
         pieces: list[Audio] = []
+        chunks: AsyncIterator[AudioChunk] | None = None
         try:
             async with asyncio.timeout(max(0.0, j.deadline - t0)):
                 job = await self.provider.submit(j.request, stream=True)
-                self.current = job
-                async for chunk in job.stream():
-                    if not len(chunk.audio) or not np.isfinite(chunk.audio.samples).all():
-                        raise BadOutput(f"{self.name}: streamed chunk {chunk.index} is empty or not finite",
-                                        provider=self.name, retryable=False)
-                    pieces.append(chunk.audio)
-                    yield chunk
+            self.current = job
+            chunks = aiter(job.stream())
+            while True:
+                # The deadline bounds each wait for the provider, never our consumer's pace (no yield
+                # inside a timeout block: it would cancel whatever the consumer awaits meanwhile).
+                try:
+                    async with asyncio.timeout(max(0.0, j.deadline - time.monotonic())):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                if not len(chunk.audio) or not np.isfinite(chunk.audio.samples).all():
+                    raise BadOutput(f"{self.name}: streamed chunk {chunk.index} is empty or not finite",
+                                    provider=self.name, retryable=False)
+                pieces.append(chunk.audio)
+                yield chunk
             if m.settings.manager.validate_output and pieces:
                 text = getattr(j.request, "text", "")
                 check_audio(Audio.concat(pieces), text, getattr(j.request, "max_length_ms", None), provider=self.name)
@@ -335,6 +344,13 @@ class ProviderRun:
             await self._cancel_if_running(job)
             self._close(reservation, job, "cancelled", None, started_wall, t0, permit)
             raise
+        finally:
+            closer = getattr(chunks, "aclose", None)
+            if closer is not None:
+                try:
+                    await closer()
+                except Exception:  # the provider's stream is being abandoned anyway
+                    pass
         self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
         j.streamed = Audio.concat(pieces)
 

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from broker.attempt import ProviderRun
@@ -58,6 +58,7 @@ class ManagedJob(Job):
         self._tried: set[str] = set()
         self._runs: list[ProviderRun] = []
         self._task: asyncio.Task[None] | None = None
+        self._inner: AsyncGenerator[AudioChunk, None] | None = None
         if not stream:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -240,6 +241,12 @@ class ManagedJob(Job):
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        inner = self._inner
+        if inner is not None:
+            try:
+                await inner.aclose()
+            except RuntimeError:  # it is running right now in the consumer's task, which will stop it
+                pass
 
     async def stream(self) -> AsyncIterator[AudioChunk]:
         if not self._stream:
@@ -252,8 +259,9 @@ class ManagedJob(Job):
             self._tried.add(cand.name)
             run = ProviderRun(self._manager, self, cand)
             self._runs.append(run)
+            inner = self._inner = run.stream()
             try:
-                async for chunk in run.stream():
+                async for chunk in inner:
                     delivered = True
                     yield chunk
             except BrokerError as exc:
@@ -263,6 +271,10 @@ class ManagedJob(Job):
                     self._fail(exc)
                     raise
                 continue
+            finally:
+                # Closing explicitly (not at garbage collection) cancels the provider's job right now.
+                self._inner = None
+                await inner.aclose()
             self._finish_report(self.streamed)
             if self.streamed is not None:
                 self.streamed.report = self.report
@@ -468,12 +480,14 @@ class CloudGPUManager(Provider):
         request = build(SpeechRequest, text=text, speaker=speaker, context=list(context), **options)
         job = await self.submit(request, stream=True, **routing)
         assert isinstance(job, ManagedJob)
+        chunks = job.stream()
         done = False
         try:
-            async for chunk in job.stream():
+            async for chunk in chunks:
                 yield chunk
             done = True
         finally:
+            await chunks.aclose()  # type: ignore[attr-defined]  # now, so the provider job is cancelled now
             self.last_report = job.report
             if not done:
                 await asyncio.shield(job.cancel())

@@ -314,3 +314,20 @@ async def test_real_local_provider_is_the_final_fallback() -> None:
     out = await m.arun(SpeechRequest(text="Hello from the local fallback."))
     assert isinstance(out, Audio) and out.duration_s > 0.5
     assert outcomes(out) == [("down", "failed", "ProviderUnavailable"), ("local", "succeeded", None)]
+
+
+@pytest.mark.usefixtures("piper_available")
+async def test_streaming_from_the_real_local_fallback() -> None:
+    s = settings()
+    s.manager.fallback_local = True
+    m = CloudGPUManager([], settings=s)
+    chunks = [c async for c in m.astream_speech("First sentence here. And a second one follows it.")]
+    assert len(chunks) >= 2 and chunks[-1].final and not chunks[0].final
+    assert m.last_report is not None and m.last_report.provider == "local"
+    assert [a.outcome for a in m.last_report.attempts] == ["succeeded"]
+    # a consumer that stops early leaves nothing running and records a cancellation
+    agen = m.astream_speech("One. Two. Three. Four. Five. Six.")
+    first = await agen.__anext__()
+    assert first.index == 0
+    await agen.aclose()
+    assert m.last_report is not None and m.last_report.attempts[-1].outcome == "cancelled"
