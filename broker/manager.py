@@ -59,6 +59,7 @@ class ManagedJob(Job):
         self._runs: list[ProviderRun] = []
         self._task: asyncio.Task[None] | None = None
         self._inner: AsyncGenerator[AudioChunk, None] | None = None
+        self._dropped: list[tuple[Candidate, str]] = []
         if not stream:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -82,7 +83,7 @@ class ManagedJob(Job):
         return any(
             p.name != current and p.name not in self._tried and m.health_board[p.name].usable(now)
             and p.capabilities.supports(self.request) is None
-            for p in m.providers
+            for p in m.all_providers
         )
 
     # -- routing ---------------------------------------------------------------------------------
@@ -123,6 +124,7 @@ class ManagedJob(Job):
             if time.monotonic() >= self.deadline:
                 return None
             plan = self._plan()
+            self._dropped = plan.dropped
             if plan.ordered:
                 return plan
             wake = self._manager._next_chance(self.request, self._tried)
@@ -149,6 +151,10 @@ class ManagedJob(Job):
 
     def _final_error(self) -> BrokerError:
         attempts = self.report.attempts
+        over_cap = [(c, why) for c, why in self._dropped if why.endswith(DropOverBudget.REASON)]
+        if not attempts and over_cap and len(over_cap) == len(self._dropped):
+            return BudgetExceeded("every provider that could take this job costs more than its cap:\n" + "\n".join(
+                f"  {c.name}: {why}" for c, why in over_cap))
         if attempts and all(a.outcome == "skipped" for a in attempts):
             return BudgetExceeded("every provider that could take this job is over budget:\n" + "\n".join(
                 f"  {a.provider}: {a.message}" for a in attempts))
@@ -158,7 +164,8 @@ class ManagedJob(Job):
             why = "no provider can take this job now"
         else:
             why = "every provider failed"
-        return AllProvidersFailed(f"{why} ({len(attempts)} attempts)", attempts)
+        dropped = "".join(f"\n  {c.name}: not tried: {reason}" for c, reason in self._dropped)
+        return AllProvidersFailed(f"{why} ({len(attempts)} attempts){dropped}", attempts)
 
     async def _race(self, first: Candidate, backups: list[Candidate]) -> Output:
         """Run ``first``; with hedging on, start the next provider if ``first`` has not started in time."""

@@ -140,6 +140,7 @@ class DropOverBudget(Step):
     """Drop providers whose expected cost is over the per-job cap."""
 
     name = "budget"
+    REASON = "per-job cap"
 
     def __init__(self, max_usd: float | None = None) -> None:
         self.max_usd = max_usd
@@ -149,7 +150,7 @@ class DropOverBudget(Step):
         if cap is None:
             return Ranking(list(candidates))
         keep = [c for c in candidates if c.usd <= cap]
-        return Ranking(keep, [(c, f"expected ${c.usd:.5f} is over the ${cap:g} per-job cap")
+        return Ranking(keep, [(c, f"expected ${c.usd:.5f} is over the ${cap:g} {self.REASON}")
                               for c in candidates if c.usd > cap])
 
 
