@@ -135,7 +135,9 @@ async def test_unreachable_modal_fails_within_our_deadline(monkeypatch: pytest.M
 def test_manager_fails_over_from_unreachable_modal_to_local(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODAL_SERVER_URL", f"http://127.0.0.1:{_closed_port()}")
     modal = ModalProvider(token_id=SecretStr("ak-test"), token_secret=SecretStr("as-test"), rpc_timeout_s=1.0)
-    manager = CloudGPUManager([modal, "local"])
+    one_try = Settings()
+    one_try.manager.attempts_per_provider = 1  # no same-provider retries: one failed attempt, then local
+    manager = CloudGPUManager([modal, "local"], settings=one_try)
     audio = manager.generate_speech("Modal is down, so this runs here.", return_tensor=False)
     report = manager.last_report
     assert report is not None and report.provider == "local" and audio.rms() > 0.01
@@ -260,7 +262,11 @@ def test_chain_modal_down_worker_up(monkeypatch: pytest.MonkeyPatch, worker_obj:
     monkeypatch.setenv("MODAL_SERVER_URL", f"http://127.0.0.1:{_closed_port()}")
     modal = ModalProvider(token_id=SecretStr("ak-test"), token_secret=SecretStr("as-test"), rpc_timeout_s=1.0)
     with LoopbackServer(worker_obj.web.local()) as worker:
-        manager = CloudGPUManager([modal, HTTPProvider(worker.url), "local"])
+        one_try = Settings()
+        one_try.manager.attempts_per_provider = 1
+        # Keep the configured order (the free self-hosted worker would otherwise be ranked first).
+        manager = CloudGPUManager([modal, HTTPProvider(worker.url), "local"], settings=one_try,
+                                  policy=lambda candidates, ctx: list(candidates))
         try:
             manager.generate_speech("The worker takes over.", return_tensor=False)
         finally:

@@ -297,7 +297,11 @@ def test_manager_fails_over_to_local_and_recovers() -> None:
     """Worker up → http serves; worker down (connection refused) → local serves; worker back → http again."""
     server = LoopbackServer(create_app(api_key=KEY)).start()
     _wait_ready(server.url)
-    manager = CloudGPUManager([HTTPProvider(server.url, api_key=KEY, connect_timeout_s=2), "local"])
+    # One try per provider: a refused connection fails over at once, and no circuit opens on the way.
+    one_try = Settings()
+    one_try.manager.attempts_per_provider = 1
+    manager = CloudGPUManager([HTTPProvider(server.url, api_key=KEY, connect_timeout_s=2), "local"],
+                              settings=one_try)
     try:
         manager.generate_speech("Served by the worker.", return_tensor=False)
         assert manager.last_report is not None and manager.last_report.provider == "http"
