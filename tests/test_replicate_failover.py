@@ -34,7 +34,10 @@ async def test_fails_over_to_local_and_recovers(fault: dict[str, object], error_
     with emulator() as server:
         replicate = provider(server, wait_s=0, queue_timeout_s=1.0)
         # An instance rather than "local": building "local" from settings reloads the voice each time.
-        manager = CloudGPUManager([replicate, LocalProvider()], settings=Settings())
+        # One try per provider: the manager would otherwise retry a 5xx on Replicate (with backoff) first.
+        one_try = Settings()
+        one_try.manager.attempts_per_provider = 1
+        manager = CloudGPUManager([replicate, LocalProvider()], settings=one_try)
         assert await _speak(manager, "Served by Replicate.") == ("replicate", [("replicate", "succeeded", None)])
 
         server.emulator.faults.update(**fault)
