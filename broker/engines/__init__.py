@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.errors import EngineUnavailable, InvalidRequest
 from broker.media import Audio, Video
@@ -92,10 +92,14 @@ def check(request: SpeechRequest | RenderRequest) -> None:
     """Engine-level validation (speaker exists, engine available) before any work starts."""
     if isinstance(request, SpeechRequest):
         speech_engine(request.engine).check(request)
-    elif request.text is not None:
+        return
+    if request.text is not None:
         speech_engine(request.engine).check(
             SpeechRequest(text=request.text, speaker=request.speaker, engine=request.engine)
         )
+    from broker.engines.renderer import check_request
+
+    check_request(request)
 
 
 def synthesize(request: SpeechRequest, cancel: threading.Event | None = None) -> Audio:
@@ -117,24 +121,10 @@ def render(
     cancel: threading.Event | None = None,
 ) -> Video:
     """Talking-head MP4 of the request's avatar speaking its audio (synthesising ``text`` first)."""
-    return _render_module().render_video(request, progress=progress, cancel=cancel)  # type: ignore[no-any-return]
+    # The module is not called `render`: importing a submodule of that name would replace this function.
+    from broker.engines.renderer import render_video
 
-
-_render_entry = render
-
-
-def _render_module() -> Any:
-    """``broker.engines.render``, imported without leaving it bound to this package's ``render`` name.
-
-    The first import of a submodule sets it as an attribute of its package, which would
-    replace the ``render`` function above with the module (and ``engines.render(...)``
-    would then fail with "'module' object is not callable").
-    """
-    import importlib
-
-    module = importlib.import_module("broker.engines.render")
-    globals()["render"] = _render_entry
-    return module
+    return render_video(request, progress=progress, cancel=cancel)
 
 
 def preload(names: tuple[str, ...] = ("piper",), *, render_engine: bool = True) -> None:
@@ -142,4 +132,6 @@ def preload(names: tuple[str, ...] = ("piper",), *, render_engine: bool = True) 
     for name in names:
         speech_engine(name)
     if render_engine:
-        _render_module().warm_up()
+        from broker.engines.renderer import warm_up
+
+        warm_up()
