@@ -256,3 +256,18 @@ def test_worker_handle_renders_and_reports_bad_avatars_as_typed_errors() -> None
     check_video(video, audio.duration_s)
     bad = handle(wire.encode_request(build(RenderRequest, audio=audio, avatar=flat_grey())))
     assert bad["ok"] is False and bad["error"]["field"] == "avatar"
+
+
+def test_encoder_falls_back_to_libx264_when_nvenc_will_not_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.engines import encode
+
+    # claim NVENC is there: opening it for real fails on a machine without an NVIDIA GPU
+    monkeypatch.setattr(encode, "_nvenc_ok", True)
+    audio = speechlike(0.3)
+    writer = encode.Mp4Writer(64, 64, 25, audio)
+    grey = np.full((64, 64), 128, np.uint8), np.full((32, 32), 128, np.uint8)
+    for _ in range(frames_for(audio.duration_s, 25)):
+        writer.write(grey[0], grey[1], grey[1])
+    data = writer.finish()
+    assert writer.codec in ("libx264", "h264_nvenc")
+    assert decode(data)["codecs"] == {"video": "h264", "audio": "aac"}
