@@ -31,7 +31,7 @@ _presets: dict[str, Analysis] = {}
 _recent: OrderedDict[str, Analysis] = OrderedDict()
 _RECENT_MAX = 8
 _portraits: OrderedDict[tuple[str, int], Portrait] = OrderedDict()
-_PORTRAITS_MAX = 16
+_PORTRAITS_MAX = 8
 
 
 def register_preset(name: str, image: bytes, *, mouth_box: Box | None = None) -> Analysis:

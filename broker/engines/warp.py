@@ -28,6 +28,10 @@ _LIP_DROP = 0.06
 _JAW_DROP = 0.05
 _CAVITY_RGB = (46.0, 18.0, 22.0)
 _CAVITY_MAX_ALPHA = 0.88
+#: cap on cached openness levels (a 2048-pixel render would otherwise want ~225 of 375 KB each)
+_MAX_LEVELS = 128
+#: levels warped per grid_sample call when building the table: bounds float memory at large sizes
+_TABLE_CHUNK = 16
 
 # BT.601 limited range, the matrix H.264 players assume for untagged SD video (the stream is tagged too).
 _RGB_TO_YUV = np.array(
@@ -145,7 +149,7 @@ class MouthWarp:
         self._still = torch.from_numpy(np.ascontiguousarray(crop)).to(self.device).permute(2, 0, 1)[None].float()
         self._cavity = torch.tensor(_CAVITY_RGB, device=self.device).view(1, 3, 1, 1)
         # quarter-pixel steps of the largest drop: finer than the eye can see, coarse enough to cache
-        self.levels = int(np.clip(np.ceil(float(field.drop.max()) * 4), 16, 512))
+        self.levels = int(np.clip(np.ceil(float(field.drop.max()) * 4), 16, _MAX_LEVELS))
         self._table: Planes | None = None
         self._portrait = portrait
         self._still_planes: Planes | None = None
@@ -187,7 +191,9 @@ class MouthWarp:
     def table(self) -> Planes:
         """Crops for every openness level 0..levels (one batch, computed once per portrait and device)."""
         if self._table is None:
-            table = self.planes(np.linspace(0.0, 1.0, self.levels + 1, dtype=np.float32))
+            values = np.linspace(0.0, 1.0, self.levels + 1, dtype=np.float32)
+            parts = [self.planes(values[i : i + _TABLE_CHUNK]) for i in range(0, len(values), _TABLE_CHUNK)]
+            table = Planes(*(np.concatenate([getattr(p, c) for p in parts]) for c in "yuv"))
             # closed is the still portrait exactly (grid_sample's float coordinates may round a pixel apart)
             still = self.still()
             x0, y0, w, h = self.crop
