@@ -26,11 +26,13 @@ async def _speak(manager: CloudGPUManager, text: str) -> tuple[str | None, list[
     ("fault", "error_class"),
     [
         ({"outage": True}, "ProviderUnavailable"),
-        ({"stuck": True}, "ProviderUnavailable"),
+        # A stuck prediction is caught by whichever queue timeout fires first: the adapter's own
+        # (ProviderUnavailable) or the manager's (ProviderTimeout); both cancel it and fail over.
+        ({"stuck": True}, ("ProviderUnavailable", "ProviderTimeout")),
         ({"fail_rate": 1.0}, "JobFailed"),
     ],
 )
-async def test_fails_over_to_local_and_recovers(fault: dict[str, object], error_class: str) -> None:
+async def test_fails_over_to_local_and_recovers(fault: dict[str, object], error_class: str | tuple[str, ...]) -> None:
     with emulator() as server:
         replicate = provider(server, wait_s=0, queue_timeout_s=1.0)
         # An instance rather than "local": building "local" from settings reloads the voice each time.
@@ -43,7 +45,9 @@ async def test_fails_over_to_local_and_recovers(fault: dict[str, object], error_
         server.emulator.faults.update(**fault)
         served_by, attempts = await _speak(manager, "Replicate is failing, so local serves this.")
         assert served_by == "local"
-        assert attempts == [("replicate", "failed", error_class), ("local", "succeeded", None)]
+        expected = (error_class,) if isinstance(error_class, str) else error_class
+        assert len(attempts) == 2 and attempts[1] == ("local", "succeeded", None)
+        assert attempts[0][:2] == ("replicate", "failed") and attempts[0][2] in expected
 
         server.emulator.faults = type(server.emulator.faults)()  # the provider recovers
         assert (await _speak(manager, "Back on Replicate."))[0] == "replicate"
