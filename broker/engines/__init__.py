@@ -39,11 +39,24 @@ def device() -> str:
     """'cuda' when asked for or available (and torch is installed), else 'cpu'."""
     if _device_pref in ("cpu", "cuda"):
         return _device_pref
+    if not _nvidia_device_present():
+        # Importing torch costs seconds; with no NVIDIA device node there is nothing for it to find.
+        return "cpu"
     try:
         import torch
     except ImportError:
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _nvidia_device_present() -> bool:
+    """Cheap check before importing torch: Linux exposes /dev/nvidia0.. when a driver is loaded."""
+    import glob
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True  # no cheap check elsewhere: let torch decide
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def _engine_settings() -> EngineSettings:
