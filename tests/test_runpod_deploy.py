@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.cli import app
-from broker.deploy.runpod import _set_endpoint_id_plain, write_endpoint_id
+from broker.deploy.runpod import write_endpoint_id
 from broker.providers.runpod import RunPodProvider
 from broker.testing.runpod_emulator import RunPodEmulator
 from broker.types import SpeechRequest
@@ -153,15 +153,16 @@ def test_config_writing_keeps_comments(tmp_path: Path) -> None:
     config = tmp_path / "nested" / "broker.toml"
     write_endpoint_id(config, "abc123")  # no file yet: created
     assert tomllib.loads(config.read_text()) == {"runpod": {"endpoint_id": "abc123"}}
-    # without tomlkit: the same edit by lines
+    # an existing, commented config keeps its comments and other sections
     original = (ROOT / "config" / "broker.toml").read_text()
-    out = _set_endpoint_id_plain(original, "xyz789")
+    config.write_text(original)
+    write_endpoint_id(config, "xyz789")
+    out = config.read_text()
     assert tomllib.loads(out)["runpod"]["endpoint_id"] == "xyz789"
     assert out.count("\n#") == original.count("\n#")
     assert tomllib.loads(out)["manager"] == tomllib.loads(original)["manager"]
-    assert tomllib.loads(_set_endpoint_id_plain(out, "again"))["runpod"]["endpoint_id"] == "again"
-    assert tomllib.loads(_set_endpoint_id_plain("[local]\ndevice = 'cpu'", "n1")) == {
-        "local": {"device": "cpu"}, "runpod": {"endpoint_id": "n1"}}
+    write_endpoint_id(config, "again")
+    assert tomllib.loads(config.read_text())["runpod"]["endpoint_id"] == "again"
 
 
 def test_emulate_runpod_command(tmp_path: Path) -> None:

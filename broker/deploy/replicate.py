@@ -10,7 +10,6 @@ plus this package and its requirements, staged into one build context.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tomllib
@@ -217,19 +216,7 @@ def image_requirements() -> list[str]:
 
 
 def write_config(path: Path, section: str, values: dict[str, Any]) -> Path:
-    """Set ``values`` in ``[section]`` of the TOML config, keeping its comments and layout (tomlkit)."""
-    import tomlkit
+    """Set ``values`` in ``[section]`` of the TOML config, keeping its comments and layout."""
+    from broker.deploy.configfile import update_section
 
-    path = path.expanduser()
-    doc = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
-    table = doc.get(section)
-    if table is None:
-        table = tomlkit.table()
-        doc[section] = table
-    for key, value in values.items():
-        table[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(tomlkit.dumps(doc))
-    os.replace(tmp, path)
-    return path
+    return update_section(path, section, values)

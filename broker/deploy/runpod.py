@@ -11,11 +11,8 @@ a900806 of 2026-08-20): ``POST/GET /templates``, ``PATCH /templates/{id}``, ``PO
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,51 +318,8 @@ def _run_command(command: Sequence[str]) -> int:
 
 
 # -- the config file -------------------------------------------------------------------
-def write_endpoint_id(path: Path, endpoint_id: str) -> None:
+def write_endpoint_id(path: Path, endpoint_id: str) -> Path:
     """Set [runpod] endpoint_id in the TOML config at ``path``, keeping everything else as it was."""
-    path = path.expanduser()
-    text = path.read_text() if path.exists() else ""
-    try:
-        import tomlkit
-    except ImportError:
-        new = _set_endpoint_id_plain(text, endpoint_id)
-    else:
-        doc = tomlkit.parse(text)
-        section = doc.get("runpod")
-        if section is None:
-            section = tomlkit.table()
-            doc["runpod"] = section
-        section["endpoint_id"] = endpoint_id
-        new = tomlkit.dumps(doc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(new)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from broker.deploy.configfile import update_section
 
-
-_SECTION = re.compile(r"^\s*\[([^\]]+)\]\s*(#.*)?$")
-_ENDPOINT_LINE = re.compile(r"^\s*endpoint_id\s*=")
-
-
-def _set_endpoint_id_plain(text: str, endpoint_id: str) -> str:
-    """The same edit without tomlkit: replace or insert one line inside [runpod]."""
-    line = f'endpoint_id = "{endpoint_id}"'
-    lines = text.splitlines()
-    start = next((i for i, s in enumerate(lines) if (m := _SECTION.match(s)) and m.group(1).strip() == "runpod"),
-                 None)
-    if start is None:
-        sep = "" if not text else ("\n" if text.endswith("\n") else "\n\n")
-        return f"{text}{sep}[runpod]\n{line}\n"
-    end = next((i for i in range(start + 1, len(lines)) if _SECTION.match(lines[i])), len(lines))
-    for i in range(start + 1, end):
-        if _ENDPOINT_LINE.match(lines[i]):
-            lines[i] = line
-            break
-    else:
-        lines.insert(start + 1, line)
-    return "\n".join(lines) + "\n"
+    return update_section(path, "runpod", {"endpoint_id": endpoint_id})
