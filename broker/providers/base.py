@@ -8,6 +8,7 @@ calls are thin conveniences over ``submit`` + ``Job.result``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -190,6 +191,38 @@ class Job(ABC):
             end = next((ts[s.value] for s in JobState if s.terminal and s.value in ts), None)
             return None if end is None else end - ts["running"]
         return None
+
+
+class BackgroundJob(Job):
+    """A job whose state is pushed by a background task: in-process work, a held HTTP request, a stream.
+
+    Subclasses implement ``_run`` and call ``_start()`` at the end of ``__init__``. Polling only yields to
+    the task, ``wait`` awaits it, and cancelling cancels it and lets it unwind.
+    """
+
+    _task: asyncio.Task[None] | None = None
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @abstractmethod
+    async def _run(self) -> None:
+        """Do the job, ending in ``_succeed`` or ``_fail``."""
+
+    async def _refresh(self) -> None:
+        await asyncio.sleep(0)
+
+    async def wait(self, timeout: float | None = None) -> JobState:
+        if not self._state.terminal and self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        return self._state
+
+    async def _cancel(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class Provider(ABC):

@@ -11,7 +11,6 @@ credentials are only sent again to the same origin.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -35,7 +34,7 @@ from broker.errors import (
     error_from_dict,
 )
 from broker.media import Audio, AudioChunk
-from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
+from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.settings import Settings
 from broker.types import DEFAULT_LIMITS, Limits, SpeechRequest
 
@@ -266,7 +265,7 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-class HTTPJob(Job):
+class HTTPJob(BackgroundJob):
     """One job on an HTTP worker: a background request, or a stream of chunks fed to ``stream()``."""
 
     def __init__(self, provider: str, client: HTTPJobClient, request: Request, payload: dict[str, Any],
@@ -278,7 +277,7 @@ class HTTPJob(Job):
         self._chunks: asyncio.Queue[AudioChunk | BaseException | None] | None = asyncio.Queue() if stream else None
         self._started = time.monotonic()
         self._set_state(JobState.RUNNING)  # the worker takes the job as the request arrives
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._start()
 
     async def _run(self) -> None:
         try:
@@ -313,21 +312,6 @@ class HTTPJob(Job):
 
     def _charge(self, metrics: dict[str, Any]) -> None:
         self.billing = self._bill(time.monotonic() - self._started, metrics)
-
-    async def _refresh(self) -> None:
-        await asyncio.sleep(0)  # the background request pushes state
-
-    async def wait(self, timeout: float | None = None) -> JobState:
-        if not self._state.terminal:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        return self._state
-
-    async def _cancel(self) -> None:
-        # Closing the connection is the cancel signal: the worker stops the engine at its next check.
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     async def stream(self) -> AsyncIterator[AudioChunk]:
         if self._chunks is None:

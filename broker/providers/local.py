@@ -17,18 +17,27 @@ from typing import Any
 from broker import engines
 from broker.errors import BrokerError, EngineUnavailable, JobFailed
 from broker.media import Audio, AudioChunk, Video
-from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
+from broker.providers.base import (
+    BackgroundJob,
+    Billing,
+    Capabilities,
+    HealthReport,
+    Job,
+    JobState,
+    Provider,
+    Request,
+)
 from broker.settings import Settings
 from broker.types import DEFAULT_LIMITS, Limits, RenderRequest, SpeechRequest
 
 
-class LocalJob(Job):
+class LocalJob(BackgroundJob):
     def __init__(self, provider: LocalProvider, request: Request, stream: bool) -> None:
         super().__init__(provider.name, uuid.uuid4().hex, request)
         self._provider = provider
         self._cancel_event = threading.Event()
         self._chunks: asyncio.Queue[Audio | BaseException | None] | None = asyncio.Queue() if stream else None
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._start()
 
     async def _run(self) -> None:
         async with self._provider._slots:
@@ -82,23 +91,10 @@ class LocalJob(Job):
         await asyncio.to_thread(produce)
         return Audio.concat(pieces) if pieces else Audio([])
 
-    async def _refresh(self) -> None:
-        # State is pushed by the running task; polling just yields to it.
-        await asyncio.sleep(0)
-
-    async def wait(self, timeout: float | None = None) -> JobState:
-        if not self._state.terminal:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except TimeoutError:
-                pass
-        return self._state
-
     async def _cancel(self) -> None:
+        # The engine thread stops at its next cancel check; anything it makes after this is discarded.
         self._cancel_event.set()
-        self._task.cancel()
-        # Let the engine thread reach its next cancel check; results after this are discarded.
-        await asyncio.sleep(0)
+        await super()._cancel()
 
     async def stream(self) -> AsyncIterator[AudioChunk]:
         if self._chunks is None:

@@ -47,7 +47,7 @@ from broker.errors import (
     RateLimited,
 )
 from broker.media import Audio, AudioChunk
-from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
+from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.providers.http import HTTPJob, HTTPJobClient, encode_job
 from broker.settings import Settings
 from broker.types import DEFAULT_LIMITS, Limits
@@ -247,7 +247,7 @@ class ModalJob(Job):
             await self._provider.rpc(self._calls.cancel(self.id), "cancel")
 
 
-class ModalStreamJob(Job):
+class ModalStreamJob(BackgroundJob):
     """A streamed speech job: the generator method's chunks, as they come."""
 
     def __init__(self, provider: ModalProvider, calls: ModalCalls, payload: dict[str, Any], request: Request) -> None:
@@ -258,7 +258,7 @@ class ModalStreamJob(Job):
         self._started = time.monotonic()
         self._queue: asyncio.Queue[AudioChunk | BaseException | None] = asyncio.Queue()
         self._set_state(JobState.RUNNING)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._start()
 
     async def _run(self) -> None:
         pieces: list[Audio] = []
@@ -282,20 +282,6 @@ class ModalStreamJob(Job):
             with contextlib.suppress(BaseException):
                 await items.aclose()  # type: ignore[attr-defined]
             self._queue.put_nowait(self.error if self.error is not None else None)
-
-    async def _refresh(self) -> None:
-        await asyncio.sleep(0)
-
-    async def wait(self, timeout: float | None = None) -> JobState:
-        if not self._state.terminal:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        return self._state
-
-    async def _cancel(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     async def stream(self) -> AsyncIterator[AudioChunk]:
         while (item := await self._queue.get()) is not None:

@@ -41,7 +41,7 @@ import numpy as np
 from broker.errors import InvalidRequest, JobFailed, JobLost, ProviderUnavailable, RateLimited
 from broker.media import SAMPLE_RATE, Audio, AudioChunk, Video, frames_for
 from broker.pricing import Catalog, PriceRow
-from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
+from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.types import RenderRequest, SpeechRequest, estimate_speech_seconds
 
 BEHAVIOURS = ("ok", "unavailable", "rate_limited", "transport", "invalid", "stuck", "hang", "failed", "lost",
@@ -97,7 +97,7 @@ def make_output(request: Request, behaviour: str = "ok") -> Audio | Video:
     return Audio(_tone(seconds))
 
 
-class FakeJob(Job):
+class FakeJob(BackgroundJob):
     def __init__(self, provider: FakeProvider, request: Request, behaviour: str, stream: bool) -> None:
         super().__init__(provider.name, f"fake-{uuid.uuid4().hex[:12]}", request)
         self.behaviour = behaviour
@@ -111,7 +111,7 @@ class FakeJob(Job):
             self._set_state(JobState.RUNNING)
             self._run_started = time.monotonic()
             self._finish()
-            self._task: asyncio.Task[None] | None = None
+            self._task = None
         else:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -148,17 +148,6 @@ class FakeJob(Job):
             billed = p.billed_seconds  # a fixed bill, whatever the clock says (deterministic budget tests)
         return Billing(billed_seconds=billed, cost_usd=billed * p.usd_per_second, estimated=False,
                        hardware=p.capabilities.hardware, run_seconds=ran)
-
-    async def _refresh(self) -> None:
-        await asyncio.sleep(0)
-
-    async def wait(self, timeout: float | None = None) -> JobState:
-        if not self._state.terminal and self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except TimeoutError:
-                pass
-        return self._state
 
     async def _cancel(self) -> None:
         self.cancel_called = True
