@@ -248,7 +248,8 @@ class RunPodEmulator:
             web.get("/_emulator/files/{name}", self._get_file),
             *self.rest.routes("/v1"),
         ])
-        self._runner = web.AppRunner(app, access_log=None)
+        # A loopback emulator needs no long graceful shutdown: in-flight long-polls are released above.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
         self.port = int(self._runner.addresses[0][1])
