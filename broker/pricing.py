@@ -83,6 +83,12 @@ class PriceRow:
     def cost(self, seconds: float) -> float:
         return self.billed_seconds(seconds) * self.usd_per_second
 
+    def billable_seconds(self, run_s: float, cold_start_s: float = 0.0, idle_s: float | None = None) -> float:
+        """Worker seconds one job pays for: its run, plus the cold start and the idle tail where they are
+        billed (``idle_s`` overrides the row's idle window, e.g. a configured idle timeout)."""
+        idle = self.idle_s if idle_s is None else idle_s
+        return run_s + (cold_start_s if self.bills_cold_start else 0.0) + (idle if self.bills_idle else 0.0)
+
     @property
     def scales_to_zero(self) -> bool:
         return self.cold_start_s > 0
@@ -306,7 +312,7 @@ class Catalog:
         if row is None:
             breakdown["unpriced"] = 1.0
         else:
-            billable = run_s + (cold_s if row.bills_cold_start else 0.0) + (row.idle_s if row.bills_idle else 0.0)
+            billable = row.billable_seconds(run_s, cold_s)
             usd = row.cost(billable)
             breakdown.update(billed_s=row.billed_seconds(billable), usd_per_second=row.usd_per_second)
         return Quote(provider=provider, hardware=hardware, expected_seconds=expected_s, expected_usd=usd,

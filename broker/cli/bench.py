@@ -1,9 +1,152 @@
-"""CLI commands of this group are added by their issue."""
+"""`broker bench`: cost and speed of the same work on every provider, side by side."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
+
+from broker.cli.common import atomic_output, err, guarded, interactive, out, print_json
+
+if TYPE_CHECKING:
+    from broker.bench import Progress
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Progress | None]:
+    """A rich progress bar on stderr, only on a terminal (pipes and CI logs get none)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   TimeElapsedColumn(), console=err, transient=True)
+    task = bar.add_task("starting", total=None)
+
+    def update(done: int, total: int, what: str) -> None:
+        bar.update(task, completed=done, total=total or None, description=what)
+
+    with bar:
+        yield update
+
+
+def bench(
+    estimate: Annotated[bool, typer.Option("--estimate", help="Price every catalog row with the performance "
+                                           "profiles (no account needed); the local engine is measured here.")]
+    = False,
+    live: Annotated[bool, typer.Option("--live", help="Run short calibration jobs on every configured provider "
+                                       "(real jobs: a few cents on a real cloud) and extrapolate.")] = False,
+    providers: Annotated[str | None, typer.Option("--providers", help="Only these providers, comma-separated "
+                                                  "(e.g. local,runpod).")] = None,
+    words: Annotated[str, typer.Option("--words", help="Speech workloads in words, comma-separated "
+                                       "('none' to leave speech out).")] = "500,2000,10000",
+    render_seconds: Annotated[str, typer.Option("--render-seconds", help="Render workloads in seconds of video, "
+                                                "comma-separated ('none' to leave renders out).")] = "10,60",
+    volume: Annotated[int | None, typer.Option("--volume", min=1, help="Jobs per month of each workload: adds a "
+                                               "monthly projection with idle and keep-warm costs.")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="piper | csm (default: configured)")] = None,
+    local_usd_per_hour: Annotated[float | None, typer.Option("--local-usd-per-hour", min=0.0,
+                                                             help="What this machine costs you per hour, so "
+                                                             "savings vs local can be in dollars too.")] = None,
+    no_local: Annotated[bool, typer.Option("--no-local", help="Estimate mode: do not measure the local engine "
+                                           "(use its profile).")] = False,
+    warm_runs: Annotated[int, typer.Option("--warm-runs", min=1, max=20, help="Warm calibration jobs per task "
+                                           "after the cold one.")] = 2,
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one calibration job may "
+                                           "take.")] = 600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="Also write the rows as CSV to this file.")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Also draw cost vs time to this PNG "
+                                                   "(needs matplotlib: pip install 'broker[plot]').")] = None,
+) -> None:
+    """What speech and renders cost and take on every provider: $ per job, time, and against this machine.
+
+    Without --live or --estimate it estimates (free). --live --estimate shows both.
+    """
+
+    def run() -> None:
+        from broker.bench import BenchOptions, abench, parse_amounts
+        from broker.ledger import Ledger
+        from broker.settings import Settings
+
+        options = BenchOptions(
+            estimate=estimate or not live, live=live,
+            providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None,
+            words=parse_amounts(words, "words", integer=True),
+            render_seconds=parse_amounts(render_seconds, "render_seconds", integer=False),
+            volume=volume, engine=engine, measure_local=not no_local, warm_runs=warm_runs, timeout_s=timeout,
+            local_usd_per_hour=local_usd_per_hour,
+        )
+        if plot_path is not None:
+            _check_matplotlib()
+        settings = Settings()
+        ledger = Ledger(settings.ledger.path) if live else None
+        try:
+            from broker._sync import run_sync
+
+            with _progress_bar(interactive()) as progress:
+                result = run_sync(abench(options, settings=settings, ledger=ledger, progress=progress))
+        finally:
+            if ledger is not None:
+                ledger.close()
+        _write_files(result, csv_path, plot_path)
+        if as_json:
+            print_json(result.to_dict())
+            return
+        _print(result)
+
+    guarded(run)
+
+
+def _check_matplotlib() -> None:
+    import importlib.util
+
+    from broker.cli.common import EXIT_BAD_INPUT, fail
+
+    if importlib.util.find_spec("matplotlib") is None:
+        fail("--plot needs matplotlib: pip install 'broker[plot]'", EXIT_BAD_INPUT)
+
+
+def _write_files(result: object, csv_path: Path | None, plot_path: Path | None) -> None:
+    from broker.bench import BenchResult
+    from broker.bench_report import write_csv, write_plot
+
+    assert isinstance(result, BenchResult)
+    if csv_path is not None:
+        with atomic_output(csv_path) as tmp:
+            write_csv(result, tmp)
+    if plot_path is not None:
+        with atomic_output(plot_path) as tmp:
+            write_plot(result, tmp)
+
+
+def _print(result: object) -> None:
+    from rich.console import Console
+
+    from broker.bench import BenchResult
+    from broker.bench_report import footnotes, monthly_tables, tables
+
+    assert isinstance(result, BenchResult)
+    # Piped into a file the tables would wrap at 80 columns; give them room instead.
+    con = out if out.is_terminal else Console(width=max(out.width, 132))
+    m = result.machine
+    con.print(f"[bold]broker bench[/] · {result.mode} · {m.get('cpu')} ({m.get('cores')} cores, load "
+              f"{m.get('load_average')}) · {result.seconds:.0f} s", highlight=False)
+    for table in tables(result):
+        con.print(table)
+    for table in monthly_tables(result):
+        con.print(table)
+    for line in footnotes(result):
+        con.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
+    if result.calibrations:
+        spent = result.calibration_cost_usd
+        con.print(f"[dim]calibration jobs: {sum(len(c.jobs) for c in result.calibrations)}, "
+                  f"${spent:.5f} (estimated from the catalog)[/]", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("bench")(bench)
