@@ -352,6 +352,8 @@ class BenchOptions:
     live: bool = False
     #: provider names to include (both modes); None = all
     providers: Sequence[str] | None = None
+    #: estimate mode: only catalog rows with one of these hardware names (any alias); None = all
+    hardware: Sequence[str] | None = None
     words: Sequence[float] = DEFAULT_WORDS
     render_seconds: Sequence[float] = DEFAULT_RENDER_SECONDS
     volume: int | None = None
@@ -389,6 +391,10 @@ def _priced_catalog(catalog: Catalog, local_usd_per_hour: float | None) -> Catal
                      basis="config", billing_model=f"this machine at ${local_usd_per_hour:g}/h (--local-usd-per-hour)")
             for r in catalog.prices() if r.provider == "local"]
     return catalog.with_prices(rows)
+
+
+def _hw_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(" ", "-")  # the catalog's spelling of hardware names
 
 
 def _wanted(name: str, options: BenchOptions) -> bool:
@@ -491,8 +497,9 @@ async def abench(
                     rows.append(project(cal.provider, hardware, speed, row, w, spw.value,
                                         measured=speed.basis == "measured", idle_s=idle))
     if options.estimate:
+        wanted_hw = {_hw_key(h) for h in options.hardware} if options.hardware else None
         for price in catalog.prices():
-            if not _wanted(price.provider, options):
+            if not _wanted(price.provider, options) or (wanted_hw is not None and wanted_hw.isdisjoint(price.hardware)):
                 continue
             _, idle = keep_warm(settings, price.provider)
             for task in tasks:

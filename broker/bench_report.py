@@ -127,6 +127,36 @@ def footnotes(result: BenchResult) -> list[str]:
     return lines
 
 
+# -- Markdown --------------------------------------------------------------------------------------
+def markdown(result: BenchResult) -> str:
+    """GitHub tables, one per task: a row per provider/hardware, a column per workload ("time · $ per job")."""
+    parts: list[str] = []
+    for task in ("speech", "render"):
+        workloads = [w for w in result.workloads if w.task == task]
+        if not workloads:
+            continue
+        keys: dict[tuple[str, str, bool], dict[str, BenchRow]] = {}
+        for r in result.rows:
+            if r.task == task:
+                keys.setdefault((r.provider, r.hardware, r.measured), {})[r.workload] = r
+        what = f"Speech ({result.engine})" if task == "speech" else "Talking-head render (512 px, 25 fps, from audio)"
+        biggest = workloads[-1].label
+        head = ["provider", "hardware", *[w.label for w in workloads], f"vs local ({biggest})", "figures"]
+        lines = [f"**{what}**: time for one job sent to an idle provider · $ per job", "",
+                 "| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * len(workloads)
+                                                                  + ["---", "---"]) + " |"]
+        ordered = sorted(keys.items(), key=lambda kv: (kv[1][biggest].usd is None, kv[1][biggest].usd or 0.0,
+                                                       kv[1][biggest].wall_s))
+        for (provider, hardware, measured), by_w in ordered:
+            last = by_w[biggest]
+            cells = [f"{fmt_seconds(by_w[w.label].wall_s)} · {fmt_usd(by_w[w.label].usd)}" for w in workloads]
+            who = f"**{provider} (this machine)**" if provider == "local" and measured else provider
+            figures = ("measured" if measured else "estimate") + " / " + last.price_basis
+            lines.append("| " + " | ".join([who, hardware, *cells, fmt_vs_local(last), figures]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 # -- CSV ---------------------------------------------------------------------------------------------
 def write_csv(result: BenchResult, path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -236,6 +266,6 @@ def write_plot(result: BenchResult, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["CSV_FIELDS", "fmt_seconds", "fmt_usd", "fmt_vs_local", "footnotes", "monthly_tables", "tables",
-           "write_csv", "write_plot"]
+__all__ = ["CSV_FIELDS", "fmt_seconds", "fmt_usd", "fmt_vs_local", "footnotes", "markdown", "monthly_tables",
+           "tables", "write_csv", "write_plot"]
 

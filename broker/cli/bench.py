@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,8 @@ def bench(
                                                 "comma-separated ('none' to leave renders out).")] = "10,60",
     volume: Annotated[int | None, typer.Option("--volume", min=1, help="Jobs per month of each workload: adds a "
                                                "monthly projection with idle and keep-warm costs.")] = None,
+    hardware: Annotated[str | None, typer.Option("--hardware", help="Estimate mode: only these catalog hardware "
+                                                 "names, comma-separated (e.g. cpu,a100-80gb).")] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="piper | csm (default: configured)")] = None,
     local_usd_per_hour: Annotated[float | None, typer.Option("--local-usd-per-hour", min=0.0,
                                                              help="What this machine costs you per hour, so "
@@ -59,6 +62,8 @@ def bench(
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds one calibration job may "
                                            "take.")] = 600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub Markdown tables (a column per "
+                                              "workload) instead.")] = False,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="Also write the rows as CSV to this file.")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Also draw cost vs time to this PNG "
                                                    "(needs matplotlib: pip install 'broker[plot]').")] = None,
@@ -75,7 +80,7 @@ def bench(
 
         options = BenchOptions(
             estimate=estimate or not live, live=live,
-            providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None,
+            providers=_names(providers), hardware=_names(hardware),
             words=parse_amounts(words, "words", integer=True),
             render_seconds=parse_amounts(render_seconds, "render_seconds", integer=False),
             volume=volume, engine=engine, measure_local=not no_local, warm_runs=warm_runs, timeout_s=timeout,
@@ -97,9 +102,18 @@ def bench(
         if as_json:
             print_json(result.to_dict())
             return
+        if as_markdown:
+            from broker.bench_report import markdown
+
+            sys.stdout.write(markdown(result))
+            return
         _print(result)
 
     guarded(run)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
 def _check_matplotlib() -> None:
