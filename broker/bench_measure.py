@@ -155,6 +155,10 @@ async def timed_job(provider: Provider, request: SpeechRequest | RenderRequest, 
     try:
         job = await provider.submit(request)
         out = await job.result(timeout=timeout_s)
+    except asyncio.CancelledError:  # Ctrl-C: a job left running on a cloud would go on billing
+        if job is not None and not job.state.terminal:
+            await asyncio.shield(job.cancel())
+        raise
     except Exception as exc:  # a provider's failure is a finding, not a crash of the bench
         if job is not None and not job.state.terminal:
             await asyncio.shield(job.cancel())

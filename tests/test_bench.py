@@ -214,3 +214,40 @@ async def test_live_bench_over_given_providers_records_the_ledger() -> None:
     data = result.to_dict()
     assert data["mode"] == "live" and data["seconds_per_word"]["basis"] == "measured"
     assert not fast.left_running() and not slow.left_running()
+
+
+async def test_a_provider_that_fails_every_job_gets_estimated_rows_saying_why() -> None:
+    down = FakeProvider("down", script=["unavailable"], usd_per_second=0.001, hardware="down-gpu")
+    local = FakeProvider("local", latency_s=0.01, hardware="cpu")
+    options = BenchOptions(estimate=False, live=True, providers=[], words=(500,), render_seconds=(10,), warm_runs=1)
+    result = await abench(options, providers=[down, local], catalog=fake_catalog(down))
+    rows = [r for r in result.rows if r.provider == "down"]
+    assert {r.workload for r in rows} == {"500 words", "10 s render"}
+    assert not any(r.measured for r in rows)
+    assert all(any("not measured (ProviderUnavailable" in n for n in r.notes) for r in rows)
+    assert down.submits == 2, "one failed cold job per task, then the task is given up"
+    assert result.seconds_per_word.basis == "measured", "the pace comes from the provider that did answer"
+
+
+async def test_cancelled_bench_cancels_the_job_in_flight() -> None:
+    import asyncio
+
+    stuck = FakeProvider("stuck", script=["stuck"])
+    task = asyncio.create_task(calibrate(stuck, tasks=("speech",), warm_runs=1))
+    while not stuck.jobs:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stuck.jobs[0].cancel_called and not stuck.left_running()
+
+
+def test_progress_bar_only_when_asked() -> None:
+    from broker.cli.bench import _progress_bar
+
+    with _progress_bar(False) as none:
+        assert none is None
+    with _progress_bar(True) as update:
+        assert update is not None
+        update(0, 3, "local: speech (cold)")
+        update(3, 3, "projecting")
