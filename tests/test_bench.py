@@ -6,19 +6,9 @@ import math
 
 import pytest
 
-from broker.bench import (
-    MONTH_S,
-    BenchOptions,
-    Workload,
-    abench,
-    estimated_speed,
-    keep_warm,
-    measured_speeds,
-    monthly,
-    parse_amounts,
-    project,
-)
+from broker.bench import BenchOptions, abench, parse_amounts
 from broker.bench_measure import Calibration, JobTiming, TaskSpeed, calibrate, fit_line, speed_from
+from broker.bench_model import MONTH_S, Workload, estimated_speed, keep_warm, measured_speeds, monthly, project
 from broker.errors import InvalidRequest
 from broker.ledger import Ledger
 from broker.pricing import Catalog, PriceRow
