@@ -107,6 +107,36 @@ def monthly_tables(result: BenchResult) -> list[Table]:
     return out
 
 
+def _calibration_cells(result: BenchResult) -> list[list[str]]:
+    cells = []
+    for cal in result.calibrations:
+        for j in cal.jobs:
+            if not j.ok:
+                cells.append([cal.provider, cal.hardware, j.task, "cold" if j.cold else "warm", "failed", "", "", "",
+                              "", j.error or ""])
+                continue
+            cells.append([cal.provider, cal.hardware, j.task, "cold" if j.cold else "warm", f"{j.wall_s:.2f}",
+                          f"{j.queue_s:.2f}", f"{j.run_s:.2f}", f"{j.overhead_s:.2f}", f"{j.output_s:.1f}",
+                          j.timing_source])
+    return cells
+
+
+_CALIBRATION_HEAD = ("provider", "hardware", "task", "job", "wall s", "queue s", "run s", "other s", "output s",
+                     "queue/run from")
+
+
+def calibration_table(result: BenchResult) -> Table | None:
+    """Every calibration job, phase by phase (live runs, and the local measurement)."""
+    cells = _calibration_cells(result)
+    if not cells:
+        return None
+    t = Table(*_CALIBRATION_HEAD, title="calibration jobs (other = API round trips, polling, transfer; a cold "
+              "job's extra time is its cold start)", title_justify="left")
+    for row in cells:
+        t.add_row(*row)
+    return t
+
+
 def footnotes(result: BenchResult) -> list[str]:
     """Where the figures came from, each source once."""
     lines = [
@@ -154,6 +184,12 @@ def markdown(result: BenchResult) -> str:
             who = f"**{provider} (this machine)**" if provider == "local" and measured else provider
             figures = ("measured" if measured else "estimate") + " / " + last.price_basis
             lines.append("| " + " | ".join([who, hardware, *cells, fmt_vs_local(last), figures]) + " |")
+        parts.append("\n".join(lines))
+    calibration = _calibration_cells(result)
+    if calibration:
+        lines = ["**Calibration jobs** (seconds; other = API round trips, polling, transfer)", "",
+                 "| " + " | ".join(_CALIBRATION_HEAD) + " |", "|" + " --- |" * len(_CALIBRATION_HEAD)]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in calibration]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -267,6 +303,5 @@ def write_plot(result: BenchResult, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["CSV_FIELDS", "fmt_seconds", "fmt_usd", "fmt_vs_local", "footnotes", "markdown", "monthly_tables",
-           "tables", "write_csv", "write_plot"]
-
+__all__ = ["CSV_FIELDS", "calibration_table", "fmt_seconds", "fmt_usd", "fmt_vs_local", "footnotes", "markdown",
+           "monthly_tables", "tables", "write_csv", "write_plot"]

@@ -142,7 +142,7 @@ def _print(result: object) -> None:
     from rich.console import Console
 
     from broker.bench import BenchResult
-    from broker.bench_report import footnotes, monthly_tables, tables
+    from broker.bench_report import calibration_table, footnotes, monthly_tables, tables
 
     assert isinstance(result, BenchResult)
     # Piped into a file the tables would wrap at 80 columns; give them room instead.
@@ -154,6 +154,9 @@ def _print(result: object) -> None:
         con.print(table)
     for table in monthly_tables(result):
         con.print(table)
+    cal = calibration_table(result)
+    if cal is not None:
+        con.print(cal)
     for line in footnotes(result):
         con.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
     if result.calibrations:
