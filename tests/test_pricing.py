@@ -90,7 +90,9 @@ def test_render_quote_counts_frames_and_speech(catalog: Catalog) -> None:
     q = catalog.quote("local", "cpu", req)
     speech, _ = catalog.run_seconds(SpeechRequest(text=req.text), "cpu-2")  # type: ignore[arg-type]
     frames = math.ceil(10.0 * 25)
-    assert q.breakdown["run"] == pytest.approx(speech + frames / 25.0)
+    render = catalog.profile("render", "cpu-2")
+    assert render is not None
+    assert q.breakdown["run"] == pytest.approx(speech + frames / render.value)
 
 
 def test_unknown_provider_is_quoted_unpriced(catalog: Catalog) -> None:
