@@ -34,7 +34,7 @@ LONG_TEXT = (
     "graphics card is money."
 )
 #: seconds of audio the render calibration jobs animate (short, long)
-RENDER_CLIPS_S = (2.0, 4.0)
+RENDER_CLIPS_S = (2.0, 6.0)
 #: a first job this much slower than a warm one counts as a measured cold start
 MIN_COLD_PENALTY_S = 0.5
 
@@ -113,19 +113,21 @@ class Calibration:
 def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """(slope, intercept) of run seconds against output seconds.
 
-    Least squares when the points span at least two lengths and give a positive slope and a
-    non-negative intercept; otherwise a line through the origin (total run ÷ total output), which
-    errs on the slow side for long workloads rather than inventing a negative fixed cost.
+    Least squares when the points span at least two lengths and the line is plausible: a
+    non-negative fixed cost, and a slope at least half the average rate (two short jobs a tenth of
+    a second apart on a busy machine can otherwise "prove" that a long job is free). Else a line
+    through the origin (total run ÷ total output), which errs on the slow side for long workloads.
     """
     xs = [x for x, _ in points]
     ys = [y for _, y in points]
     if not points or sum(xs) <= 0:
         raise ValueError("no output to fit")
+    average = sum(ys) / sum(xs)
     if len({round(x, 3) for x in xs}) >= 2:
         slope, intercept = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
-        if slope > 0 and intercept >= 0:
+        if slope >= 0.5 * average and intercept >= 0:
             return float(slope), float(intercept)
-    return sum(ys) / sum(xs), 0.0
+    return average, 0.0
 
 
 def timing_of(job: Job, wall_s: float) -> tuple[float, float, str]:

@@ -207,6 +207,8 @@ def write_csv(result: BenchResult, path: Path) -> None:
 
 # -- plot --------------------------------------------------------------------------------------------
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+#: time axis ticks a reader can say out loud (seconds)
+_TIME_TICKS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14_400, 36_000)
 
 
 def _series(rows: Iterable[BenchRow], workloads: list[Workload]) -> list[list[BenchRow]]:
@@ -246,7 +248,7 @@ def write_plot(result: BenchResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator
 
     tasks = [t for t in ("speech", "render") if any(w.task == t for w in result.workloads)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 7.0), squeeze=False)
@@ -280,10 +282,15 @@ def write_plot(result: BenchResult, path: Path) -> None:
         ax.set_yscale("log")
         if xs_all:
             ax.set_xlim(min(xs_all) / 1.4, max(xs_all) * 3.0)  # room on the right for the labels
-        ax.set_ylim(floor / 2.5, None)
+        ax.set_ylim(floor / 2, None)
+        ax.xaxis.set_major_locator(FixedLocator(_TIME_TICKS))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_seconds(v)))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:g}"))
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # No dollar labels down at the "$0" line: free points sit there on a log axis only for show.
+        ax.yaxis.set_major_formatter(FuncFormatter(
+            lambda v, _, low=floor * 2: "" if v < low else "$" + f"{v:.6f}".rstrip("0").rstrip(".")))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xlabel("time per job, sent to an idle provider (log)")
         ax.set_ylabel("$ per job (log)")
         what = f"speech ({result.engine})" if task == "speech" else "talking-head render (512 px, 25 fps)"

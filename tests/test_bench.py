@@ -52,6 +52,9 @@ def test_fit_line_uses_least_squares_or_falls_back_through_the_origin() -> None:
     slope, intercept = fit_line([(6.0, 1.79), (12.6, 3.85)])
     assert intercept == 0.0 and slope == pytest.approx((1.79 + 3.85) / 18.6)
     assert fit_line([(5.0, 1.0), (5.0, 1.2)]) == (pytest.approx(0.22), 0.0)  # one length: no line to fit
+    # two short renders 0.01 s apart: a near-flat line would make a 60 s render free; use the average
+    slope, intercept = fit_line([(4.0, 0.28), (2.0, 0.27)])
+    assert intercept == 0.0 and slope == pytest.approx(0.55 / 6)
     with pytest.raises(ValueError):
         fit_line([])
 
