@@ -53,6 +53,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             data["_runpod_state"] = runpod.state()
             data["_replicate_predictions"] = len(replicate.emulator.predictions)
             data["_ledger"] = tmp / "ledger.sqlite"
+            data["_secrets"] = (runpod.api_key, TOKEN)
+            data["_output"] = r.stdout + r.stderr
             yield data
     finally:
         runpod.stop()
@@ -112,3 +114,10 @@ def test_calibration_spend_is_in_the_ledger(live: dict[str, Any]) -> None:
     assert {p for p, *_ in rows} == {"runpod", "replicate", "local"}
     assert sum(c for *_, c, _ in rows) == pytest.approx(live["calibration_cost_usd"])
     assert live["calibration_cost_usd"] > 0
+
+
+def test_no_credential_reaches_the_output_or_the_ledger(live: dict[str, Any]) -> None:
+    ledger_bytes = Path(live["_ledger"]).read_bytes()
+    for secret in live["_secrets"]:
+        assert secret not in live["_output"]
+        assert secret.encode() not in ledger_bytes
