@@ -31,6 +31,8 @@ def update_section(path: Path, section: str, values: Mapping[str, Any]) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(tomlkit.dumps(doc))
+        if path.exists():  # keep the mode the user gave their config (mkstemp makes 0600)
+            os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
