@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +45,10 @@ def emulate_runpod(
                     rate_limit_burst=rate_limit, retry_after_s=retry_after, ttl_s=ttl, reject_auth=reject_auth)
     emulator = RunPodEmulator(port=port, endpoint_id=endpoint_id, api_key=api_key, worker=worker, mode=mode,
                               handler_path=handler, faults=faults, seed=seed, worker_log=worker_log)
+    # Ctrl-C and a supervisor's SIGTERM both stop it cleanly, even when started from a background shell
+    # (which hands its children SIGINT ignored, so Python would never raise KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         emulator.start()
     except (OSError, FileNotFoundError) as exc:
@@ -69,6 +74,10 @@ def emulate_runpod(
         fail(str(exc))
     finally:
         emulator.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:
