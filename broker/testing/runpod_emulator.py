@@ -399,12 +399,7 @@ class RunPodEmulator:
         deadline = time.monotonic() + wait_s
         async with self.book.changed:
             while job.status in ("IN_QUEUE", IN_PROGRESS) and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self.book.changed.wait(), remaining)
-                except TimeoutError:
+                if not await self.book.wait_changed(deadline):
                     break
         return web.json_response(job.status_dict())
 
@@ -485,12 +480,7 @@ class RunPodEmulator:
                     if taken:
                         break
                     continue  # everything handed out failed by the failure fault; keep waiting
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return web.Response(status=204)
-                try:
-                    await asyncio.wait_for(self.book.changed.wait(), remaining)
-                except TimeoutError:
+                if not await self.book.wait_changed(deadline):
                     return web.Response(status=204)
         if doomed:  # the crash fault: this worker dies shortly after taking the job
             asyncio.get_running_loop().create_task(self._crash_later(worker.id, self.faults.crash_after_s))
@@ -538,12 +528,7 @@ class RunPodEmulator:
                 pending = self.book.stop_signals.pop(worker.id, None)
                 if pending:
                     return web.json_response({"jobsToStop": pending})
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self.book.changed.wait(), remaining)
-                except TimeoutError:
+                if not await self.book.wait_changed(deadline):
                     break
         return web.Response(status=204)
 

@@ -113,6 +113,18 @@ class JobBook:
         async with self.changed:
             self.changed.notify_all()
 
+    async def wait_changed(self, deadline: float) -> bool:
+        """Inside ``async with self.changed``: wait for the next change. False once ``deadline``
+        (a ``time.monotonic()`` instant) has passed, so long-polls end on time."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self.changed.wait(), remaining)
+        except TimeoutError:
+            return False
+        return True
+
     # -- the hosted side -----------------------------------------------------------
     def create(self, job_input: Any, policy: dict[str, Any] | None, *, sync: bool) -> EmulatedJob:
         policy = policy or {}
