@@ -60,6 +60,20 @@ class Capabilities:
     #: largest request body the provider accepts, when it has a limit
     max_payload_bytes: int | None = None
 
+    @classmethod
+    def broker_worker(cls, hardware: str, **overrides: Any) -> Capabilities:
+        """What a worker running ``broker.worker.handle`` offers: both tasks, every engine, streaming."""
+        from broker.engines import SPEECH_ENGINES
+
+        fields: dict[str, Any] = {
+            "tasks": frozenset({"speech", "render"}),
+            "engines": frozenset(SPEECH_ENGINES),
+            "streaming": True,
+            "hardware": hardware,
+        }
+        fields.update(overrides)
+        return cls(**fields)
+
     def supports(self, request: Request) -> str | None:
         """None when the request fits; otherwise why not (shown by `broker quote`)."""
         if request.task not in self.tasks:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import SecretStr
 
-from broker import engines, wire
+from broker import wire
 from broker.errors import (
     AuthenticationFailed,
     BrokerError,
@@ -361,12 +361,7 @@ class HTTPProvider(Provider):
         )
         self.usd_per_hour = usd_per_hour
         self.limits = limits
-        self.capabilities = Capabilities(
-            tasks=frozenset({"speech", "render"}),
-            engines=frozenset(engines.SPEECH_ENGINES),
-            streaming=True,
-            hardware=hardware,
-        )
+        self.capabilities = Capabilities.broker_worker(hardware)
 
     def __repr__(self) -> str:
         return f"<HTTPProvider {safe_url(self.client.base_url)}>"

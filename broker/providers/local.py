@@ -130,12 +130,7 @@ class LocalProvider(Provider):
         self.limits = limits
         self.usd_per_second = usd_per_second
         self._slots = asyncio.Semaphore(max(1, concurrency))
-        self.capabilities = Capabilities(
-            tasks=frozenset({"speech", "render"}),
-            engines=frozenset(engines.SPEECH_ENGINES),
-            streaming=True,
-            hardware="cpu" if engines.device() == "cpu" else "local-gpu",
-        )
+        self.capabilities = Capabilities.broker_worker("cpu" if engines.device() == "cpu" else "local-gpu")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> LocalProvider:

@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from broker import engines, wire
+from broker import wire
 from broker.errors import (
     AuthenticationFailed,
     BrokerError,
@@ -335,12 +335,7 @@ class ModalProvider(Provider):
         else:
             self._lookup: Lookup = lookup or (lambda app, cls: SDKCalls(
                 app, cls, token_id=token_id, token_secret=token_secret, environment=environment))
-        self.capabilities = Capabilities(
-            tasks=frozenset({"speech", "render"}),
-            engines=frozenset(engines.SPEECH_ENGINES),
-            streaming=True,
-            hardware=hardware,
-        )
+        self.capabilities = Capabilities.broker_worker(hardware)
 
     def __repr__(self) -> str:
         how = "https" if self.http is not None else "sdk"

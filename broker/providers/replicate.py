@@ -35,7 +35,6 @@ import httpx
 from pydantic import SecretStr
 
 from broker import wire
-from broker.engines import SPEECH_ENGINES
 from broker.errors import (
     AuthenticationFailed,
     BrokerError,
@@ -229,10 +228,7 @@ class ReplicateProvider(Provider):
         self.idle_billed_s = idle_billed_s
         self.inline_max_bytes = inline_max_bytes
         self.limits = limits
-        self.capabilities = Capabilities(
-            tasks=frozenset({"speech", "render"}), engines=frozenset(SPEECH_ENGINES), streaming=True,
-            hardware=hardware,
-        )
+        self.capabilities = Capabilities.broker_worker(hardware)
         self._transport = transport
         self._timeout_s = timeout_s
         self._client: httpx.AsyncClient | None = None

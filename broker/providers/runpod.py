@@ -99,12 +99,8 @@ class RunPodProvider(Provider):
         self.runsync_max_s = runsync_max_s
         self.limits = limits
         self.uploader = uploader
-        self.capabilities = Capabilities(
-            tasks=frozenset({"speech", "render"}),
-            engines=frozenset(engines),
-            streaming=True,
-            hardware=hardware,
-            max_payload_bytes=RUNSYNC_LIMIT_BYTES,
+        self.capabilities = Capabilities.broker_worker(
+            hardware, engines=frozenset(engines), max_payload_bytes=RUNSYNC_LIMIT_BYTES
         )
         self._key = key
         self._transport = transport
