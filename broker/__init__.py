@@ -20,8 +20,8 @@ from broker.types import JobReport, Quote, RenderRequest, Segment, SpeechRequest
 
 if TYPE_CHECKING:
     from broker.generator import Generator, load_generator
-    from broker.manager import CloudGPUManager
     from broker.providers.base import Provider
+    from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
 
 __version__ = "0.1.0"
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "CloudGPUManager": "broker.manager",
+    "CloudGPUManager": "broker.routing.manager",
     "Generator": "broker.generator",
     "load_generator": "broker.generator",
     "Provider": "broker.providers.base",

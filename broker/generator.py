@@ -19,8 +19,8 @@ from broker.media import SAMPLE_RATE
 from broker.types import Segment
 
 if TYPE_CHECKING:
-    from broker.manager import CloudGPUManager
     from broker.providers.base import Provider
+    from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
 
 
@@ -49,7 +49,7 @@ class Generator:
 
 
 def _is_manager(provider: Provider) -> bool:
-    from broker.manager import CloudGPUManager
+    from broker.routing.manager import CloudGPUManager
 
     return isinstance(provider, CloudGPUManager)
 
@@ -63,7 +63,7 @@ def load_generator(
 ) -> Generator:
     """Swap for ``load_csm_1b()``. ``device`` is accepted for signature compatibility and pins the
     local fallback's device ("cuda"/"cpu"); routing follows the settings."""
-    from broker.manager import CloudGPUManager
+    from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
 
     if manager is None:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.manager import CloudGPUManager
 from broker.providers.base import JobState
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider, fake_catalog
 from broker.types import SpeechRequest

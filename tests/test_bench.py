@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from broker.bench import BenchOptions, abench, parse_amounts
-from broker.bench_measure import Calibration, JobTiming, TaskSpeed, calibrate, fit_line, speed_from
-from broker.bench_model import MONTH_S, Workload, estimated_speed, keep_warm, measured_speeds, monthly, project
+from broker.bench.measure import Calibration, JobTiming, TaskSpeed, calibrate, fit_line, speed_from
+from broker.bench.model import MONTH_S, Workload, estimated_speed, keep_warm, measured_speeds, monthly, project
+from broker.bench.run import BenchOptions, abench, parse_amounts
 from broker.errors import InvalidRequest
-from broker.ledger import Ledger
-from broker.pricing import Catalog, PriceRow
+from broker.money.ledger import Ledger
+from broker.money.pricing import Catalog, PriceRow
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider, fake_catalog
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.cli import app
-from broker.pricing import Catalog
+from broker.money.pricing import Catalog
 from tests.conftest import ROOT, run_cli
 
 EMPTY = {"BROKER_CONFIG": str(ROOT / "tests" / "data" / "empty.toml"), "BROKER_LOCAL__DEVICE": "cpu",

@@ -14,12 +14,12 @@ import math
 import pytest
 
 from broker.errors import AllProvidersFailed, BrokerError, InvalidRequest
-from broker.manager import CloudGPUManager, ManagedJob
 from broker.media import Audio
+from broker.routing.manager import CloudGPUManager, ManagedJob
+from broker.routing.validate import check_output
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider, fake_catalog
 from broker.types import SpeechRequest
-from broker.validate import check_output
 
 FAILURES = ("unavailable", "rate_limited", "transport", "stuck", "hang", "failed", "lost", "silent", "truncated",
             "nan")

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.cli import app
-from broker.ledger import Ledger
+from broker.money.ledger import Ledger
 from tests.conftest import run_cli
 
 

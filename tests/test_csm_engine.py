@@ -315,7 +315,7 @@ async def test_local_provider_runs_csm(csm_settings: Settings) -> None:
 
 
 def test_manager_routes_to_local_csm(csm_settings: Settings) -> None:
-    from broker.manager import CloudGPUManager
+    from broker.routing.manager import CloudGPUManager
 
     manager = CloudGPUManager(["local"], settings=csm_settings)
     audio = manager.generate_speech("Hi.", speaker=1, max_length_ms=400, return_tensor=False)

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from broker.manager import CloudGPUManager
 from broker.media import Audio
 from broker.providers.http import HTTPProvider
 from broker.providers.local import LocalProvider
 from broker.providers.modal import ModalProvider
 from broker.providers.replicate import ReplicateProvider
 from broker.providers.runpod import RunPodProvider
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.asgi_server import LoopbackServer
 from broker.testing.replicate_emulator import EmulatorServer, ReplicateEmulator

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from broker.errors import BudgetExceeded
-from broker.ledger import Ledger, SpendLimit
-from broker.manager import CloudGPUManager
+from broker.money.ledger import Ledger, SpendLimit
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider, fake_catalog
 from broker.types import SpeechRequest
@@ -124,7 +124,7 @@ async def test_a_running_job_is_stopped_before_it_costs_more_than_reserved() -> 
 _WORKER = r"""
 import asyncio, json, sys
 from broker.errors import BudgetExceeded
-from broker.manager import CloudGPUManager
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider, fake_catalog
 from broker.types import SpeechRequest

@@ -9,10 +9,10 @@ import pytest
 
 from broker import wire
 from broker.errors import InvalidRequest
-from broker.manager import CloudGPUManager
 from broker.media import SAMPLE_RATE, Audio
 from broker.providers.base import JobState
 from broker.providers.local import LocalProvider
+from broker.routing.manager import CloudGPUManager
 from broker.types import SpeechRequest, build
 from broker.worker import handle, handle_stream
 

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from broker.errors import AllProvidersFailed, InvalidRequest
-from broker.manager import CloudGPUManager, ManagedJob
 from broker.media import Audio, Video
-from broker.policy import fastest
 from broker.providers.base import JobState
+from broker.routing.manager import CloudGPUManager, ManagedJob
+from broker.routing.policy import fastest
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider, fake_catalog
 from broker.types import RenderRequest, SpeechRequest

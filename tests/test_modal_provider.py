@@ -34,10 +34,10 @@ from broker.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from broker.manager import CloudGPUManager
 from broker.media import Audio
 from broker.providers.base import JobState
 from broker.providers.modal import ModalProvider, SDKCalls, translate_modal_error
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.asgi_server import LoopbackServer
 from broker.testing.modal_web import ModalWebProxy

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import ConfigurationError
-from broker.health import BreakerConfig, BreakerState, CircuitBreaker, PeakEWMA, state_from_history
-from broker.policy import (
+from broker.routing.health import BreakerConfig, BreakerState, CircuitBreaker, PeakEWMA, state_from_history
+from broker.routing.policy import (
     Candidate,
     Deadline,
     DropOverDeadline,

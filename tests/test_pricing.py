@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import pricing
+from broker.money import pricing
 from broker.errors import ConfigurationError
-from broker.pricing import Catalog, PriceRow, cost_for, parse_prices, quote_for, speech_audio_seconds
+from broker.money.pricing import Catalog, PriceRow, cost_for, parse_prices, quote_for, speech_audio_seconds
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider
 from broker.types import RenderRequest, SpeechRequest

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from broker.manager import CloudGPUManager
 from broker.media import Audio
 from broker.providers.local import LocalProvider
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.types import SpeechRequest, build
 from tests.replicate_support import emulator, provider

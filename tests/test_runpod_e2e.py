@@ -27,10 +27,10 @@ from broker.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from broker.manager import CloudGPUManager
 from broker.media import Audio, Video
 from broker.providers.base import JobState
 from broker.providers.runpod import RunPodJob, RunPodProvider, decode_output
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.runpod_emulator import RunPodEmulator
 from broker.types import RenderRequest, SpeechRequest

@@ -7,9 +7,9 @@ import pytest
 
 from broker.errors import BadOutput
 from broker.media import SAMPLE_RATE, Audio, Video
+from broker.routing.validate import check_output
 from broker.testing.fake import make_output
 from broker.types import RenderRequest, SpeechRequest
-from broker.validate import check_output
 
 TEXT = "twelve words of speech should last a handful of seconds when spoken aloud"
 

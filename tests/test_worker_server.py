@@ -25,10 +25,10 @@ from broker.errors import (
     InvalidRequest,
     ProviderUnavailable,
 )
-from broker.manager import CloudGPUManager
 from broker.media import Audio, Video, frames_for
 from broker.providers.base import JobState
 from broker.providers.http import HTTPProvider
+from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.asgi_server import LoopbackServer
 from broker.types import RenderRequest, Segment, SpeechRequest, build

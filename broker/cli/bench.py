@@ -13,7 +13,7 @@ import typer
 from broker.cli.common import atomic_output, err, guarded, interactive, out, print_json
 
 if TYPE_CHECKING:
-    from broker.bench import Progress
+    from broker.bench.run import Progress
 
 
 @contextmanager
@@ -74,8 +74,8 @@ def bench(
     """
 
     def run() -> None:
-        from broker.bench import BenchOptions, abench, parse_amounts
-        from broker.ledger import Ledger
+        from broker.bench.run import BenchOptions, abench, parse_amounts
+        from broker.money.ledger import Ledger
         from broker.settings import Settings
 
         options = BenchOptions(
@@ -103,7 +103,7 @@ def bench(
             print_json(result.to_dict())
             return
         if as_markdown:
-            from broker.bench_report import markdown
+            from broker.bench.report import markdown
 
             sys.stdout.write(markdown(result))
             return
@@ -126,8 +126,8 @@ def _check_matplotlib() -> None:
 
 
 def _write_files(result: object, csv_path: Path | None, plot_path: Path | None) -> None:
-    from broker.bench import BenchResult
-    from broker.bench_report import write_csv, write_plot
+    from broker.bench.report import write_csv, write_plot
+    from broker.bench.run import BenchResult
 
     assert isinstance(result, BenchResult)
     if csv_path is not None:
@@ -141,8 +141,8 @@ def _write_files(result: object, csv_path: Path | None, plot_path: Path | None) 
 def _print(result: object) -> None:
     from rich.console import Console
 
-    from broker.bench import BenchResult
-    from broker.bench_report import calibration_table, footnotes, monthly_tables, tables
+    from broker.bench.report import calibration_table, footnotes, monthly_tables, tables
+    from broker.bench.run import BenchResult
 
     assert isinstance(result, BenchResult)
     # Piped into a file the tables would wrap at 80 columns; give them room instead.

@@ -15,7 +15,7 @@ from broker.types import RenderRequest, SpeechRequest, build
 
 
 def _manager(provider: str | None) -> Any:
-    from broker.manager import CloudGPUManager
+    from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
 
     settings = Settings()

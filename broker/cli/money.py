@@ -13,7 +13,7 @@ from broker.cli.common import guarded, out, print_json
 
 def _quote_rows(text: str, render: bool, engine: str | None, deadline: float | None,
                 policy: str | None) -> dict[str, Any]:
-    from broker.manager import CloudGPUManager
+    from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
     from broker.types import RenderRequest, SpeechRequest, build
 
@@ -96,7 +96,7 @@ def costs(
     """What was spent, by provider and day (from the ledger)."""
 
     def run() -> None:
-        from broker.ledger import Ledger
+        from broker.money.ledger import Ledger
         from broker.settings import Settings
 
         settings = Settings()

@@ -20,8 +20,8 @@ from broker.providers import registry
 
 def _history(settings: Any) -> dict[str, dict[str, Any]]:
     """Circuit state, last error and latency per provider, replayed from the ledger's last day."""
-    from broker.health import BreakerConfig, state_from_history
-    from broker.ledger import Ledger
+    from broker.money.ledger import Ledger
+    from broker.routing.health import BreakerConfig, state_from_history
 
     ms = settings.manager
     try:

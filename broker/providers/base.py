@@ -242,8 +242,14 @@ class BackgroundJob(Job):
 class Provider(ABC):
     """Runs speech and render jobs somewhere. ``CloudGPUManager`` is a Provider too."""
 
+    #: the endpoint's name: routing, health, budgets, reports and the ledger all key on it
     name: str = "provider"
+    #: the provider kind ("runpod", "modal", ...): price rows and quirks key on it; several endpoints may share one
+    kind: str = "provider"
     capabilities: Capabilities = Capabilities()
+    #: jobs this endpoint may run at once (RunPod workers_max, Modal max_containers, Replicate max_instances,
+    #: a worker's slots); None = not known, and the caller applies its own default
+    max_concurrency: int | None = None
     #: provider-specific knobs the manager reads (queue timeout, hedging eligibility, ...)
     queue_timeout_s: float | None = None
     install_hint: ClassVar[str] = ""
@@ -257,7 +263,7 @@ class Provider(ABC):
 
     def quote(self, request: Request) -> Any:
         """Expected $ and seconds for ``request`` (a ``broker.types.Quote``), from the price catalog."""
-        from broker.pricing import quote_for
+        from broker.money.pricing import quote_for
 
         return quote_for(self, request)
 

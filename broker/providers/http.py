@@ -337,6 +337,7 @@ class HTTPProvider(Provider):
     """A `broker worker serve` you run yourself (Kubernetes, ECS, a box under the desk)."""
 
     name = "http"
+    kind = "http"
 
     def __init__(
         self,
@@ -388,7 +389,7 @@ class HTTPProvider(Provider):
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
         """Your own machine: the hourly rate you gave, else the catalog's row for its hardware."""
-        from broker.pricing import cost_for
+        from broker.money.pricing import cost_for
 
         hardware = self.capabilities.hardware
         if self.usd_per_hour is not None:

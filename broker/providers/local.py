@@ -123,6 +123,7 @@ class LocalJob(BackgroundJob):
 
 class LocalProvider(Provider):
     name = "local"
+    kind = "local"
 
     def __init__(self, *, device: str = "auto", concurrency: int = 1, limits: Limits = DEFAULT_LIMITS,
                  usd_per_second: float = 0.0) -> None:

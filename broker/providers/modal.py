@@ -294,6 +294,7 @@ class ModalStreamJob(BackgroundJob):
 
 class ModalProvider(Provider):
     name = "modal"
+    kind = "modal"
 
     def __init__(
         self,
@@ -390,7 +391,7 @@ class ModalProvider(Provider):
             raise ProviderUnavailable(f"Modal did not answer {what} within {limit:g} s", provider=self.name) from None
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
-        from broker.pricing import cost_for
+        from broker.money.pricing import cost_for
 
         hardware = self.capabilities.hardware
         run_s = metrics.get("run_s")

@@ -184,6 +184,7 @@ class ReplicateJob(Job):
 
 class ReplicateProvider(Provider):
     name = NAME
+    kind = NAME
     install_hint = "pip install 'broker[replicate]'"
 
     def __init__(
@@ -307,7 +308,7 @@ class ReplicateProvider(Provider):
 
     def bill(self, prediction: dict[str, Any]) -> Billing:
         """Seconds and dollars for a finished prediction, from its metrics and timestamps (an estimate)."""
-        from broker.pricing import cost_for
+        from broker.money.pricing import cost_for
 
         metrics = prediction.get("metrics") or {}
         predict_s = float(metrics.get("predict_time") or 0.0)

@@ -64,6 +64,7 @@ class RunPodProvider(Provider):
     """Jobs on one RunPod serverless endpoint that runs ``handlers/runpod/handler.py``."""
 
     name = "runpod"
+    kind = "runpod"
     install_hint = "pip install 'broker[runpod]'"
 
     def __init__(
@@ -297,7 +298,7 @@ class RunPodProvider(Provider):
         delay_ms = status.get("delayTime")
         if not isinstance(exec_ms, int | float) and not isinstance(delay_ms, int | float):
             return None
-        from broker.pricing import cost_for
+        from broker.money.pricing import cost_for
 
         run_s = float(exec_ms) / 1000 if isinstance(exec_ms, int | float) else 0.0
         return Billing(

@@ -40,7 +40,7 @@ import numpy as np
 
 from broker.errors import InvalidRequest, JobFailed, JobLost, ProviderUnavailable, RateLimited
 from broker.media import SAMPLE_RATE, Audio, AudioChunk, Video, frames_for
-from broker.pricing import Catalog, PriceRow
+from broker.money.pricing import Catalog, PriceRow
 from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.types import RenderRequest, SpeechRequest, estimate_speech_seconds
 

@@ -1,7 +1,7 @@
 """The arithmetic of `broker bench`: speeds (from the catalog or measured), workloads projected onto them
 (time and $ per job), comparison with this machine, and a month of jobs with idle tails and keep-warm workers.
 
-No I/O here: ``broker.bench`` runs the calibration jobs and ``broker.bench_report`` shows the results.
+No I/O here: ``broker.bench.run`` runs the calibration jobs and ``broker.bench.report`` shows the results.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from broker.bench_measure import Calibration, TaskSpeed
-from broker.pricing import Catalog, PriceRow
+from broker.bench.measure import Calibration, TaskSpeed
+from broker.money.pricing import Catalog, PriceRow
 
 if TYPE_CHECKING:
     from broker.settings import Settings

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from broker.bench import BenchResult
-from broker.bench_model import BenchRow, Workload, row_dict
+from broker.bench.model import BenchRow, Workload, row_dict
+from broker.bench.run import BenchResult
 
 CSV_FIELDS = [
     "provider", "hardware", "task", "workload", "amount", "output_s", "measured", "wall_s", "warm_wall_s",

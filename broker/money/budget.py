@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.ledger import Ledger, LedgerBusy, SpendLimit
+from broker.money.ledger import Ledger, LedgerBusy, SpendLimit
 
 DAY_S = 24 * 3600.0
 MONTH_S = 30 * DAY_S

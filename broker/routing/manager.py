@@ -19,21 +19,21 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
-from broker.attempt import ProviderRun
-from broker.budget import Accountant, Budget
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
-from broker.health import BreakerConfig, HealthBoard
-from broker.ledger import Ledger
 from broker.media import Audio, AudioChunk, Video
-from broker.policy import Candidate, DropOverBudget, Policy, RankContext, Ranking, as_policy
-from broker.pricing import WARM_P_COLD, Catalog
+from broker.money.budget import Accountant, Budget
+from broker.money.ledger import Ledger
+from broker.money.pricing import WARM_P_COLD, Catalog
 from broker.providers import registry
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
-from broker.retry import Action, RetryRules, classify
+from broker.routing.attempt import ProviderRun
+from broker.routing.health import BreakerConfig, HealthBoard
+from broker.routing.policy import Candidate, DropOverBudget, Policy, RankContext, Ranking, as_policy
+from broker.routing.retry import Action, RetryRules, classify
 from broker.settings import Settings
 from broker.types import Attempt, JobReport, Quote, RenderRequest, Segment, SpeechRequest, build
 
-log = logging.getLogger("broker.manager")
+log = logging.getLogger("broker.routing.manager")
 
 Output = Audio | Video
 _ROUTING_OPTIONS = ("deadline_s", "max_usd", "policy")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from broker.budget import Reservation
 from broker.errors import (
     BadOutput,
     BrokerError,
@@ -26,16 +24,15 @@ from broker.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from broker.health import Permit
 from broker.media import Audio, AudioChunk, Video
-from broker.policy import Candidate
+from broker.money.budget import Reservation
 from broker.providers.base import Job, JobState, Provider
-from broker.retry import Action, as_broker_error, classify, counts_against_provider, same_provider_retrying
+from broker.routing.context import RoutedJob, Router
+from broker.routing.health import Permit
+from broker.routing.policy import Candidate
+from broker.routing.retry import Action, as_broker_error, classify, counts_against_provider, same_provider_retrying
+from broker.routing.validate import check_audio, check_output
 from broker.types import Attempt
-from broker.validate import check_audio, check_output
-
-if TYPE_CHECKING:
-    from broker.manager import CloudGPUManager, ManagedJob
 
 Output = Audio | Video
 
@@ -49,7 +46,7 @@ class CircuitOpen(ProviderUnavailable):
 class ProviderRun:
     """Every try at one provider for one job."""
 
-    def __init__(self, manager: CloudGPUManager, job: ManagedJob, candidate: Candidate, *, hedge: bool = False):
+    def __init__(self, manager: Router, job: RoutedJob, candidate: Candidate, *, hedge: bool = False):
         self.manager = manager
         self.job = job
         self.provider: Provider = candidate.provider

@@ -6,7 +6,7 @@ Two sources of figures, always labelled:
   the profile's and the price's source. Needs no account. The local engine is measured live on this
   machine (a few short jobs) unless asked not to.
 - **live**: short calibration jobs (speech and render, cold then warm) on each configured provider,
-  split into queue + cold start + run from the provider's own metrics (see ``broker.bench_measure``),
+  split into queue + cold start + run from the provider's own metrics (see ``broker.bench.measure``),
   priced with the catalog, and extrapolated to the requested workloads with the measured speed.
 
 Workloads are N words of speech (default 500 / 2,000 / 10,000) and N seconds of talking-head video
@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from broker.bench_measure import Calibration, calibrate, planned_jobs
-from broker.bench_model import (
+from broker.bench.measure import Calibration, calibrate, planned_jobs
+from broker.bench.model import (
     BenchRow,
     MonthlyRow,
     Workload,
@@ -39,11 +39,11 @@ from broker.bench_model import (
     row_dict,
 )
 from broker.errors import BrokerError, InvalidRequest
-from broker.pricing import Catalog, PriceRow
+from broker.money.pricing import Catalog, PriceRow
 from broker.types import estimate_speech_seconds
 
 if TYPE_CHECKING:
-    from broker.ledger import Ledger
+    from broker.money.ledger import Ledger
     from broker.providers.base import Provider
     from broker.settings import Settings
 

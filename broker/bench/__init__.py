@@ -1,0 +1,2 @@
+"""``broker bench``: calibration jobs (``run``, ``measure``), the arithmetic (``model``), tables and plots
+(``report``)."""
