@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests never read a developer's own config or ledger.
 os.environ.setdefault("BROKER_CONFIG", str(ROOT / "tests" / "data" / "empty.toml"))
 os.environ.setdefault("BROKER_LEDGER__PATH", ":memory:")
+# ... nor write the developer's engine cache (optimised voice graphs, mouth tables): one folder per run.
+os.environ.setdefault("BROKER_CACHE_DIR", tempfile.mkdtemp(prefix="broker-test-cache-"))
 # Subprocesses (the CLI, the RunPod worker, the Cog runtime) must import this checkout's broker.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 

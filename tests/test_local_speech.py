@@ -39,8 +39,8 @@ async def test_local_provider_job_lifecycle() -> None:
     _plausible(audio, TEXT)
     assert job.state == JobState.SUCCEEDED and "running" in job.timestamps
     assert job.billing is not None and job.billing.billed_seconds > 0
-    assert audio.phonemes, "Piper alignments give phoneme timings"
-    assert audio.phonemes[-1].end_s <= audio.duration_s + 0.05
+    # speech does not load Piper's alignments (renders ask for them: tests/test_startup.py)
+    assert not audio.phonemes
 
 
 async def test_cancel_is_idempotent_and_stops_the_job() -> None:

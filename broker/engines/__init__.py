@@ -115,9 +115,12 @@ def check(request: SpeechRequest | RenderRequest) -> None:
     check_request(request)
 
 
-def synthesize(request: SpeechRequest, cancel: threading.Event | None = None) -> Audio:
+def synthesize(request: SpeechRequest, cancel: threading.Event | None = None, *, timings: bool = False) -> Audio:
+    """The whole audio; ``timings`` asks for phoneme timings too (renders), which some engines load only then."""
     engine = speech_engine(request.engine)
     engine.check(request)
+    if timings:
+        return engine.synthesize_timed(request, cancel)
     return engine.synthesize(request, cancel)
 
 
@@ -148,3 +151,5 @@ def preload(names: tuple[str, ...] = ("piper",), *, render_engine: bool = True) 
         from broker.engines.renderer import warm_up
 
         warm_up()
+        if "piper" in names:  # renders from text use Piper's phoneme alignments: load them now too
+            speech_engine("piper").synthesize_timed(SpeechRequest(text="Hi.", engine="piper"))

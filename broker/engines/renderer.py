@@ -5,22 +5,22 @@ The steps, each in its own module: find the mouth and frame the portrait
 (``mouth``), warp a crop around the mouth for every openness level in one batch
 (``warp``, torch ``grid_sample`` on CUDA or CPU), paste the crops into the still
 frame's YUV planes and encode (``encode``, PyAV). Bad avatars are rejected before
-any speech is synthesised or any frame drawn.
+any speech is synthesised or any frame drawn. The portrait's part (face found,
+crops warped) is kept by image hash in memory and on disk (``mouth_table``), so a
+render of a known avatar needs neither OpenCV nor torch.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 
-from broker.engines import avatars
+from broker.engines import avatars, mouth_table
 from broker.engines.base import check_cancel
 from broker.engines.encode import Mp4Writer, nvenc_available
-from broker.engines.face import Portrait
 from broker.engines.mouth import openness
-from broker.engines.warp import MouthWarp
+from broker.engines.mouth_table import MouthTable
 from broker.errors import BrokerError, EngineUnavailable, JobFailed
 from broker.media import Audio, Video, frames_for
 from broker.types import RenderRequest, SpeechRequest
@@ -29,13 +29,12 @@ log = logging.getLogger(__name__)
 
 #: frames between progress reports and cancel checks
 _BATCH = 64
-#: warps per portrait and device, kept as long as the (cached) portrait lives
-_warps: weakref.WeakKeyDictionary[Portrait, dict[str, MouthWarp]] = weakref.WeakKeyDictionary()
-_warps_lock = threading.Lock()
 
 
 def check_request(request: RenderRequest) -> None:
     """Everything about a render that can be wrong before work starts (the avatar, mostly)."""
+    if mouth_table.cached(request, _device()) is not None:
+        return  # this avatar was analysed (and so accepted) before
     avatars.portrait_for(request)
 
 
@@ -48,10 +47,11 @@ def render_video(
     from broker import engines
 
     try:
-        portrait = avatars.portrait_for(request)
+        device = engines.device()
+        table = mouth_table.table_for(request, device)
         check_cancel(cancel)
         audio = _audio(request, cancel)
-        return _render(audio, portrait, request, engines.device(), progress, cancel)
+        return _render(audio, table, request, device, progress, cancel)
     except BrokerError:
         raise
     except ImportError as exc:
@@ -68,12 +68,12 @@ def _audio(request: RenderRequest, cancel: threading.Event | None) -> Audio:
 
     assert request.text is not None
     speech = SpeechRequest(text=request.text, speaker=request.speaker, engine=request.engine)
-    return engines.synthesize(speech, cancel)
+    return engines.synthesize(speech, cancel, timings=True)  # phoneme timings drive the mouth
 
 
 def _render(
     audio: Audio,
-    portrait: Portrait,
+    face: MouthTable,
     request: RenderRequest,
     device: str,
     progress: Callable[[float], None] | None,
@@ -82,11 +82,9 @@ def _render(
     fps, size = request.fps, request.size
     frames = frames_for(audio.duration_s, fps)
     shapes = openness(audio, fps, frames)
-    warp = _warp_for(portrait, device)
-    table = warp.table()
-    levels = warp.level_index(shapes)
-    still = warp.still()
-    x0, y0, w, h = warp.crop
+    table, still = face.table, face.still
+    levels = face.level_index(shapes)
+    x0, y0, w, h = face.crop
     cy, cx = slice(y0 // 2, (y0 + h) // 2), slice(x0 // 2, (x0 + w) // 2)
     # one frame buffer, reused: only the mouth crop changes between frames
     y, u, v = still.y.copy(), still.u.copy(), still.v.copy()
@@ -110,22 +108,10 @@ def _render(
     return Video(data, fps, writer.frames, size, size, audio.duration_s)
 
 
-def _warp_for(portrait: Portrait, device: str) -> MouthWarp:
-    with _warps_lock:
-        by_device = _warps.setdefault(portrait, {})
-        warp = by_device.get(device)
-        if warp is None:
-            warp = by_device[device] = MouthWarp(portrait, device)
-    return warp
-
-
 def warm_up() -> None:
-    """Import torch, OpenCV and PyAV and analyse the default avatar, so the first job pays none of it."""
+    """Analyse the default avatar (or read its table) and open PyAV, so the first job pays none of it."""
     request = RenderRequest(audio=Audio([0.0] * 2400))
-    portrait = avatars.portrait_for(request)
-    warp = _warp_for(portrait, _device())
-    warp.table()
-    warp.still()
+    mouth_table.table_for(request, _device())
     nvenc_available()
 
 

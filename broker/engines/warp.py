@@ -126,6 +126,12 @@ def still_planes(portrait: Portrait) -> Planes:
     return Planes(to_u8(y)[0], to_u8(u)[0], to_u8(v)[0])
 
 
+def level_index(openness: np.ndarray, levels: int) -> np.ndarray:
+    """Openness in [0, 1] → row of a table with ``levels + 1`` rows (nearest level)."""
+    o = np.clip(np.asarray(openness, dtype=np.float32), 0.0, 1.0)
+    return np.rint(o * levels).astype(np.int64)
+
+
 class MouthWarp:
     """Turns openness values into warped mouth crops (YUV) for one portrait."""
 
@@ -185,8 +191,7 @@ class MouthWarp:
 
     def level_index(self, openness: np.ndarray) -> np.ndarray:
         """Which row of ``table()`` shows each openness value."""
-        o = np.clip(np.asarray(openness, dtype=np.float32), 0.0, 1.0)
-        return np.rint(o * self.levels).astype(np.int64)
+        return level_index(openness, self.levels)
 
     def table(self) -> Planes:
         """Crops for every openness level 0..levels (one batch, computed once per portrait and device)."""
