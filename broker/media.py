@@ -185,12 +185,28 @@ def resample(samples: np.ndarray, src: int, dst: int) -> np.ndarray:
 
 @dataclass
 class AudioChunk:
-    """One piece of a streamed synthesis; ``index`` counts from 0, ``final`` marks the last."""
+    """One piece of a streamed synthesis; ``index`` counts from 0, ``final`` marks the end of the stream.
+
+    A stream ends with a ``final`` chunk. From the manager and the local provider it is an empty
+    end-of-stream marker (``is_end``) sent after the last piece, so no piece waits for the next one
+    to be known last; other providers may put ``final`` on their last piece instead. Consumers that
+    play or join the audio need not care: the marker holds no samples.
+    """
 
     audio: Audio
     index: int
     final: bool = False
     text: str | None = None
+
+    @classmethod
+    def end(cls, index: int, sample_rate: int = SAMPLE_RATE) -> AudioChunk:
+        """The end-of-stream marker: no samples, ``final``, ``index`` one past the last piece."""
+        return cls(Audio(np.zeros(0, dtype=np.float32), sample_rate), index, final=True)
+
+    @property
+    def is_end(self) -> bool:
+        """Is this the empty end-of-stream marker (as opposed to a piece of audio)?"""
+        return self.final and len(self.audio) == 0
 
 
 @dataclass

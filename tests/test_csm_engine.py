@@ -310,7 +310,7 @@ async def test_local_provider_runs_csm(csm_settings: Settings) -> None:
     job = await provider.submit(build(SpeechRequest, text="Hello.", max_length_ms=600))
     _well_formed(await job.result(timeout=120), 600)
     chunks = [c async for c in provider.astream_speech("A. B.", max_length_ms=2200)]
-    assert [c.index for c in chunks] == [0, 1] and chunks[-1].final
+    assert [c.index for c in chunks] == [0, 1, 2] and chunks[-1].is_end  # two sentences, then the end marker
     assert (await provider.health()).ok
 
 

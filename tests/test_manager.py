@@ -270,7 +270,7 @@ async def test_streaming_fails_over_before_the_first_chunk() -> None:
     good = FakeProvider("good", usd_per_second=0.01)
     m = manager(broken, good)
     chunks = [c async for c in m.astream_speech(TEXT)]
-    assert len(chunks) == 3 and chunks[-1].final
+    assert len(chunks) == 4 and chunks[-1].is_end and not any(c.final for c in chunks[:-1])
     assert m.last_report is not None and m.last_report.provider == "good"
     assert [(a.provider, a.outcome) for a in m.last_report.attempts] == [("broken", "failed"), ("good", "succeeded")]
 

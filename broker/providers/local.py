@@ -102,7 +102,6 @@ class LocalJob(BackgroundJob):
                 yield chunk
             return
         index = 0
-        pending: Audio | None = None
         while True:
             item = await self._chunks.get()
             if item is None:
@@ -110,15 +109,13 @@ class LocalJob(BackgroundJob):
             if isinstance(item, BaseException):
                 await self.wait()
                 raise self.error or JobFailed(str(item), provider=self.provider)
-            if pending is not None:
-                yield AudioChunk(pending, index, final=False)
-                index += 1
-            pending = item
+            # each piece goes out as soon as the engine makes it; the end has its own marker
+            yield AudioChunk(item, index)
+            index += 1
         await self.wait()
         if self.error is not None:
             raise self.error
-        if pending is not None:
-            yield AudioChunk(pending, index, final=True)
+        yield AudioChunk.end(index)
 
 
 class LocalProvider(Provider):

@@ -320,11 +320,14 @@ class ProviderRun:
                         chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
+                if chunk.is_end:
+                    continue  # the provider's end marker; ours follows the whole-stream validation
                 if not len(chunk.audio) or not np.isfinite(chunk.audio.samples).all():
                     raise BadOutput(f"{self.name}: streamed chunk {chunk.index} is empty or not finite",
                                     provider=self.name, retryable=False)
                 pieces.append(chunk.audio)
-                yield chunk
+                # a piece goes on the moment it checks out; a provider's own `final` moves to the end marker
+                yield AudioChunk(chunk.audio, chunk.index, text=chunk.text) if chunk.final else chunk
             if m.settings.manager.validate_output and pieces:
                 text = getattr(j.request, "text", "")
                 check_audio(Audio.concat(pieces), text, getattr(j.request, "max_length_ms", None), provider=self.name)
@@ -349,7 +352,8 @@ class ProviderRun:
                 except Exception:  # the provider's stream is being abandoned anyway
                     pass
         self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
-        j.streamed = Audio.concat(pieces)
+        j.streamed = pieces[0] if len(pieces) == 1 else Audio.concat(pieces)
+        yield AudioChunk.end(len(pieces), pieces[0].sample_rate)
 
 
 def _outcome_for(error: BrokerError, job: Job | None) -> str:

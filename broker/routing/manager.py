@@ -267,8 +267,12 @@ class ManagedJob(Job):
             run = ProviderRun(self._manager, self, cand)
             self._runs.append(run)
             inner = self._inner = run.stream()
+            end: AudioChunk | None = None
             try:
                 async for chunk in inner:
+                    if chunk.is_end:
+                        end = chunk  # sent once the job is settled, below
+                        continue
                     delivered = True
                     yield chunk
             except BrokerError as exc:
@@ -286,6 +290,8 @@ class ManagedJob(Job):
             if self.streamed is not None:
                 self.streamed.report = self.report
                 self._succeed(self.streamed)
+            if end is not None:
+                yield end  # `final` reaches the caller only once the job has succeeded
             return
         err = self._final_error()
         self._finish_report()
@@ -491,6 +497,9 @@ class CloudGPUManager(Provider):
         done = False
         try:
             async for chunk in chunks:
+                if chunk.final:  # the job has succeeded: a caller may stop here without abandoning it
+                    done = True
+                    self.last_report = job.report
                 yield chunk
             done = True
         finally:
