@@ -268,3 +268,30 @@ async def test_local_provider_passes_the_first_piece_on_before_the_engine_makes_
     rest = [c async for c in chunks]
     assert [(c.index, c.final, len(c.audio)) for c in rest] == [(1, False, 2 * SAMPLE_RATE), (2, True, 0)]
     assert m.last_report is not None and m.last_report.provider == "local"
+
+
+# -- the encoder uses the cores, at the same quality -------------------------------------------------
+def test_libx264_encodes_with_frame_threads_at_the_same_crf_and_preset() -> None:
+    import re
+
+    av = pytest.importorskip("av")
+    from broker.engines import encode
+
+    audio = _speechlike(1.0)
+    writer = encode.Mp4Writer(96, 64, 25, audio, try_nvenc=False)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        writer.write(rng.integers(0, 256, (64, 96), dtype=np.uint8), np.full((32, 48), 128, np.uint8),
+                     np.full((32, 48), 128, np.uint8))
+    data = writer.finish()
+    # x264 writes the settings it ran with into the stream (an SEI message)
+    found = re.search(rb"x264 - core .*? options: (.*?)\x00", data, re.S)
+    assert found is not None
+    options = dict(kv.split("=", 1) for kv in found.group(1).decode().split() if "=" in kv)
+    assert options["sliced_threads"] == "0"  # frame threads: one thread's output, spread over the cores
+    if (os.cpu_count() or 1) >= 2:
+        assert int(options["threads"]) >= 2
+    assert options["crf"] == "23.0" and options["subme"] == "2" and options["ref"] == "1"  # crf 23, veryfast
+    with av.open(io.BytesIO(data)) as container:
+        frames = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
+    assert len(frames) == 25 and frames[0].shape == (64 * 3 // 2, 96)
