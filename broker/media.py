@@ -110,19 +110,27 @@ class Audio:
         if fmt not in ("wav", "flac"):
             raise ValueError(f"unsupported audio format {fmt!r}")
         buf = io.BytesIO()
-        clipped = np.clip(self._samples, -1.0, 1.0)
-        sf.write(buf, clipped, self.sample_rate, format=fmt.upper(), subtype="PCM_16")
+        sf.write(buf, self._in_range(), self.sample_rate, format=fmt.upper(), subtype="PCM_16")
         return buf.getvalue()
 
     def to_wav_bytes(self) -> bytes:
         return self.to_bytes("wav")
 
     def save(self, path: str | Path) -> Path:
+        """Write WAV or FLAC (by suffix) straight to ``path``: no encoded copy is held in memory."""
+        import soundfile as sf
+
         path = Path(path)
         fmt = "flac" if path.suffix.lower() == ".flac" else "wav"
-        data = self.to_bytes(fmt)
-        path.write_bytes(data)
+        sf.write(path, self._in_range(), self.sample_rate, format=fmt.upper(), subtype="PCM_16")
         return path
+
+    def _in_range(self) -> np.ndarray:
+        """The samples clipped to [-1, 1] (libsndfile would wrap what lies outside); a copy only if needed."""
+        s = self._samples
+        if len(s) and (s.max() > 1.0 or s.min() < -1.0):  # two reductions, no temporary array
+            return np.clip(s, -1.0, 1.0)
+        return s
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Audio:

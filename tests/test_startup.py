@@ -295,3 +295,18 @@ def test_libx264_encodes_with_frame_threads_at_the_same_crf_and_preset() -> None
     with av.open(io.BytesIO(data)) as container:
         frames = [f.to_ndarray(format="yuv420p") for f in container.decode(video=0)]
     assert len(frames) == 25 and frames[0].shape == (64 * 3 // 2, 96)
+
+
+# -- fewer copies of the audio, the same file -----------------------------------------------------------
+@pytest.mark.parametrize("peak", [0.9, 1.5])
+def test_saving_writes_the_same_file_without_an_encoded_copy(tmp_path: Path, peak: float) -> None:
+    import soundfile as sf
+
+    samples = np.random.default_rng(0).uniform(-peak, peak, 48_000).astype(np.float32)
+    audio = Audio(samples)
+    for fmt in ("wav", "flac"):
+        reference = io.BytesIO()
+        sf.write(reference, np.clip(samples, -1.0, 1.0), SAMPLE_RATE, format=fmt.upper(), subtype="PCM_16")
+        path = audio.save(tmp_path / f"out.{fmt}")
+        assert path.read_bytes() == reference.getvalue() == audio.to_bytes(fmt)
+    assert np.array_equal(audio.samples, samples)  # clipping for the file never touches the audio itself

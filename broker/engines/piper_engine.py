@@ -154,7 +154,8 @@ class PiperEngine(SpeechEngine):
             check_cancel(cancel)
             for chunk in session.synthesize(piece, config, include_alignments=alignments):
                 check_cancel(cancel)
-                samples = np.clip(chunk.audio_float_array.astype(np.float32) * 0.9, -1.0, 1.0)
+                samples = chunk.audio_float_array.astype(np.float32, copy=False) * 0.9
+                np.clip(samples, -1.0, 1.0, out=samples)  # in place: one array per piece, not three
                 out = resampler.push(samples)
                 # timings are relative to this piece; Audio.concat shifts them into place
                 timings = _timings(chunk, voice.rate, 0.0)
