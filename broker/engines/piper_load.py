@@ -82,6 +82,8 @@ def _cpu_session(model_path: Path, alignments: bool) -> Any:
     try:
         with cache.atomic_path(saved) as tmp:
             options.optimized_model_filepath = str(tmp)
+            # it warns that the saved graph may hold this CPU's instructions: the key already says which CPU
+            options.log_severity_level = 3
             session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except OSError as exc:  # cannot write the cache: the session is fine without it
         log.warning("could not save the optimised graph to %s: %s", saved, exc)
