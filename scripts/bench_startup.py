@@ -38,6 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ def run_once(cmd: list[str], *, stdin: bytes | None = None, env: dict[str, str] 
     return Run(wall, usage.ru_maxrss / 1024)  # Linux reports KiB
 
 
-def alternate(pair: Pair, runs: int, a: dict, b: dict, *, cold: Run | None = None) -> Pair:
+def alternate(pair: Pair, runs: int, a: dict[str, Any], b: dict[str, Any], *, cold: Run | None = None) -> Pair:
     pair.a_cold = cold or run_once(**a)
     run_once(**b)
     for _ in range(runs):
@@ -101,8 +102,10 @@ def median(runs: list[Run], attr: str) -> float:
 
 # -- the rows ----------------------------------------------------------------------------------------------
 def speak_pair(label: str, text: str, runs: int, tmp: Path, env: dict[str, str], piper: str, model: str) -> Pair:
-    broker = {"cmd": [sys.executable, "-m", "broker", "speak", text, "-o", str(tmp / "a.wav")], "env": env}
-    tool = {"cmd": [piper, "-m", model, "-f", str(tmp / "b.wav")], "stdin": text.encode(), "env": env}
+    broker: dict[str, Any] = {"cmd": [sys.executable, "-m", "broker", "speak", text, "-o", str(tmp / "a.wav")],
+                              "env": env}
+    tool: dict[str, Any] = {"cmd": [piper, "-m", model, "-f", str(tmp / "b.wav")], "stdin": text.encode(),
+                            "env": env}
     return alternate(Pair(label), runs, broker, tool)
 
 
@@ -118,11 +121,11 @@ def render_pair(runs: int, tmp: Path, env: dict[str, str]) -> Pair | None:
     t = np.arange(24_000 * 10) / 24_000
     syllables = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 0.5
     Audio((0.3 * np.sign(np.sin(2 * np.pi * 140 * t)) * syllables).astype(np.float32)).save(wav)
-    broker = {"cmd": [sys.executable, "-m", "broker", "render", "--audio", str(wav), "-o", str(tmp / "a.mp4")],
-              "env": env}
+    broker: dict[str, Any] = {"env": env, "cmd": [sys.executable, "-m", "broker", "render", "--audio", str(wav),
+                                                   "-o", str(tmp / "a.mp4")]}
     cold = run_once(**broker)  # the first render of this avatar here; its frames are what ffmpeg encodes
     frames, size = _raw_frames(tmp / "a.mp4", tmp / "frames.yuv")
-    tool = {"env": env, "cmd": [
+    tool: dict[str, Any] = {"env": env, "cmd": [
         ffmpeg, "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{size}x{size}",
         "-r", "25", "-i", str(tmp / "frames.yuv"), "-i", str(wav), "-c:v", "libx264", "-preset", "veryfast",
         "-crf", "23", "-g", "50", "-c:a", "aac", "-b:a", "96k", "-movflags", "frag_keyframe+empty_moov+delay_moov",
@@ -152,8 +155,10 @@ def long_pair(words: int, runs: int, tmp: Path, env: dict[str, str], piper: str,
         text_words += (sentences[i % len(sentences)].rstrip(".") + ".").split()
         i += 1
     text = " ".join(text_words[:words]).rstrip(",") + "."
-    broker = {"cmd": [sys.executable, "-m", "broker", "speak", text, "-o", str(tmp / "long_a.wav")], "env": env}
-    tool = {"cmd": [piper, "-m", model, "-f", str(tmp / "long_b.wav")], "stdin": text.encode(), "env": env}
+    broker: dict[str, Any] = {"cmd": [sys.executable, "-m", "broker", "speak", text, "-o", str(tmp / "long_a.wav")],
+                              "env": env}
+    tool: dict[str, Any] = {"cmd": [piper, "-m", model, "-f", str(tmp / "long_b.wav")], "stdin": text.encode(),
+                            "env": env}
     pair = Pair(f"speak {words:,} words, peak RSS")
     for _ in range(runs):  # no unmeasured warm-up: the short rows warmed every cache already
         pair.a.append(run_once(**broker))
@@ -209,6 +214,10 @@ TARGETS = {  # row label prefix -> (wall ratio target, rss ratio target); None =
     "speak 5,000": (None, 1.3),
     "first chunk": (1.2, None),
 }
+
+
+TOOLS = {'speak "Hi."': "piper CLI", "speak 89 words": "piper CLI", "render 10 s": "ffmpeg CLI",
+         "speak 5,000": "piper CLI", "first chunk": "engine"}
 
 
 def machine() -> str:
@@ -278,19 +287,23 @@ def main() -> None:
            "BROKER_CACHE_DIR": str(tmp / "cache")}
     print(f"machine: {machine()}", flush=True)
     pairs: list[Pair] = []
+
+    def done(row: Pair | None) -> None:
+        if row is not None:
+            pairs.append(row)
+            print(table([row], TOOLS).splitlines()[-1], file=sys.stderr, flush=True)  # progress, row by row
+
     if "hi" not in skip:
-        pairs.append(speak_pair('speak "Hi."', "Hi.", args.runs, tmp, env, piper, model))
+        done(speak_pair('speak "Hi."', "Hi.", args.runs, tmp, env, piper, model))
     if "89" not in skip:
-        pairs.append(speak_pair("speak 89 words", WORDS_89, args.runs, tmp, env, piper, model))
-    if "render" not in skip and (row := render_pair(args.runs, tmp, env)) is not None:
-        pairs.append(row)
+        done(speak_pair("speak 89 words", WORDS_89, args.runs, tmp, env, piper, model))
+    if "render" not in skip:
+        done(render_pair(args.runs, tmp, env))
     if "long" not in skip:
-        pairs.append(long_pair(args.long_words, args.long_runs, tmp, env, piper, model))
+        done(long_pair(args.long_words, args.long_runs, tmp, env, piper, model))
     if "chunk" not in skip:
-        pairs.append(first_chunk_pair(max(5, args.runs)))
-    tools = {'speak "Hi."': "piper CLI", "speak 89 words": "piper CLI", "render 10 s": "ffmpeg CLI",
-             "speak 5,000": "piper CLI", "first chunk": "engine"}
-    print(table(pairs, tools))
+        done(first_chunk_pair(max(5, args.runs)))
+    print(table(pairs, TOOLS))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -328,11 +328,13 @@ class ProviderRun:
                 pieces.append(chunk.audio)
                 # a piece goes on the moment it checks out; a provider's own `final` moves to the end marker
                 yield AudioChunk(chunk.audio, chunk.index, text=chunk.text) if chunk.final else chunk
-            if m.settings.manager.validate_output and pieces:
-                text = getattr(j.request, "text", "")
-                check_audio(Audio.concat(pieces), text, getattr(j.request, "max_length_ms", None), provider=self.name)
             if not pieces:
                 raise BadOutput(f"{self.name}: the stream ended without audio", provider=self.name, retryable=False)
+            # one joined copy serves the whole-stream check and the job's result
+            joined = pieces[0] if len(pieces) == 1 else Audio.concat(pieces)
+            if m.settings.manager.validate_output:
+                text = getattr(j.request, "text", "")
+                check_audio(joined, text, getattr(j.request, "max_length_ms", None), provider=self.name)
         except Exception as exc:
             await self._cancel_if_running(job)
             error = as_broker_error(exc, self.name)
@@ -352,8 +354,8 @@ class ProviderRun:
                 except Exception:  # the provider's stream is being abandoned anyway
                     pass
         self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
-        j.streamed = pieces[0] if len(pieces) == 1 else Audio.concat(pieces)
-        yield AudioChunk.end(len(pieces), pieces[0].sample_rate)
+        j.streamed = joined
+        yield AudioChunk.end(len(pieces), joined.sample_rate)
 
 
 def _outcome_for(error: BrokerError, job: Job | None) -> str:
