@@ -51,6 +51,9 @@ class EngineSettings(BaseModel):
     piper_voices: dict[str, str] = Field(default_factory=dict)
     #: Sesame CSM: a local folder with transformers weights (CsmForConditionalGeneration)
     csm_path: str | None = None
+    #: where engines keep per-machine work (optimised voice graphs, avatars' mouth tables); None =
+    #: $BROKER_CACHE_DIR, else ~/.cache/broker; "off" = no cache (see broker/engines/cache.py)
+    cache_dir: str | None = None
 
 
 class RunPodSettings(BaseModel):

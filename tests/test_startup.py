@@ -310,3 +310,22 @@ def test_saving_writes_the_same_file_without_an_encoded_copy(tmp_path: Path, pea
         path = audio.save(tmp_path / f"out.{fmt}")
         assert path.read_bytes() == reference.getvalue() == audio.to_bytes(fmt)
     assert np.array_equal(audio.samples, samples)  # clipping for the file never touches the audio itself
+
+
+def test_the_cache_folder_comes_from_settings_then_the_environment(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import engines
+    from broker.engines import cache
+    from broker.settings import EngineSettings
+
+    monkeypatch.setenv("BROKER_CACHE_DIR", str(tmp_path / "env"))
+    try:
+        engines.configure(EngineSettings(cache_dir=str(tmp_path / "set")))
+        assert cache.folder() == tmp_path / "set"
+        engines.configure(EngineSettings())
+        assert cache.folder() == tmp_path / "env"
+        monkeypatch.delenv("BROKER_CACHE_DIR")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert cache.folder() == tmp_path / "xdg" / "broker"
+    finally:
+        engines.configure(None)

@@ -29,10 +29,13 @@ _device_pref = "auto"
 def configure(settings: EngineSettings | None = None, device: str = "auto") -> None:
     """Point the engines at voices/weights and a device; drops engines built with older settings."""
     global _settings, _device_pref
+    from broker.engines import cache
+
     with _lock:
         _settings = settings
         _device_pref = device
         _engines.clear()
+    cache.configure(settings.cache_dir if settings is not None else None)
 
 
 def device() -> str:
