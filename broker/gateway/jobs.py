@@ -33,6 +33,7 @@ def schema(db: Database) -> list[str]:
             idempotency_key TEXT,
             webhook_url TEXT,
             webhook_state TEXT,
+            webhook_until {r},
             created_at {r} NOT NULL,
             updated_at {r} NOT NULL,
             started_at {r},
@@ -241,8 +242,32 @@ class JobStore:
         await self.db.execute("UPDATE gateway_jobs SET output_key = NULL, output_bytes = NULL WHERE id = ?",
                               (job_id,))
 
+    async def claim_webhook(self, job_id: str, hold_s: float) -> bool:
+        """Take the job's webhook to send it: pending, or held by a sender that died (its hold lapsed)."""
+        now = time.time()
+        changed = await self.db.execute(
+            "UPDATE gateway_jobs SET webhook_state = 'sending', webhook_until = ? WHERE id = ?"
+            " AND (webhook_state = 'pending' OR (webhook_state = 'sending' AND webhook_until < ?))",
+            (now + hold_s, job_id, now))
+        return bool(changed)
+
+    async def hold_webhook(self, job_id: str, hold_s: float) -> None:
+        await self.db.execute("UPDATE gateway_jobs SET webhook_until = ? WHERE id = ? AND webhook_state = 'sending'",
+                              (time.time() + hold_s, job_id))
+
     async def set_webhook_state(self, job_id: str, state: str) -> None:
-        await self.db.execute("UPDATE gateway_jobs SET webhook_state = ? WHERE id = ?", (state, job_id))
+        await self.db.execute("UPDATE gateway_jobs SET webhook_state = ?, webhook_until = NULL WHERE id = ?",
+                              (state, job_id))
+
+    async def unsent_webhooks(self, older_than_s: float) -> list[str]:
+        """Finished jobs whose webhook nobody is sending (the replica that finished them died)."""
+        now = time.time()
+        rows = await self.db.fetchall(
+            "SELECT id FROM gateway_jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'lost')"
+            " AND ((webhook_state = 'pending' AND finished_at < ?)"
+            " OR (webhook_state = 'sending' AND webhook_until < ?))"
+            " ORDER BY finished_at LIMIT 100", (now - older_than_s, now))
+        return [r["id"] for r in rows]
 
     async def created_since(self, tenant: str, since: float) -> int:
         row = await self.db.fetchone("SELECT COUNT(*) AS n FROM gateway_jobs WHERE tenant = ? AND created_at >= ?",

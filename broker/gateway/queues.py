@@ -80,6 +80,8 @@ class InProcessQueue(JobQueue):
         while True:
             for job_id in await self.runner.jobs.unfinished():
                 await self.enqueue(job_id)
+            with contextlib.suppress(Exception):
+                await self.runner.send_unsent_webhooks()
             await asyncio.sleep(self.sweep_s)
 
     async def stop(self) -> None:
@@ -158,6 +160,7 @@ class ProcrastinateQueue(JobQueue):
                     log.info("procrastinate job %s stalled (its replica stopped); retrying", job.id)
                     with contextlib.suppress(Exception):  # another replica retried it first
                         await self.app.job_manager.retry_job(job)
+                await self.runner.send_unsent_webhooks()
             except Exception as exc:
                 log.warning("stalled-job sweep failed: %s", exc)
 

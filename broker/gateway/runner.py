@@ -78,7 +78,7 @@ class JobRunner:
         if job is None:
             current = await self.jobs.get(job_id)
             if current is None or current.terminal:
-                if current is not None and current.state == "succeeded" and current.webhook_state == "pending":
+                if current is not None and current.webhook_state == "pending":
                     await self._notify(current)
                 return "skipped"
             return "busy"  # held by a live replica
@@ -100,7 +100,7 @@ class JobRunner:
         try:
             request = decode_job_request(body)
             run = asyncio.ensure_future(self.manager.arun(
-                request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd")))
+                request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id))
             try:
                 out = await run
             finally:
@@ -150,7 +150,7 @@ class JobRunner:
         return f"{job_id}.{fmt}", AUDIO_FORMATS[fmt], out.to_bytes(fmt)
 
     async def _notify(self, job: JobRow) -> None:
-        if not job.webhook_url or job.webhook_state == "sent":
+        if not job.webhook_url or job.webhook_state not in ("pending", "sending"):
             return
         secret = self.config.webhook_secret
         tenant = await self.keys.get(job.tenant)
@@ -158,11 +158,28 @@ class JobRunner:
             secret = tenant.webhook_secret
         if not secret:
             log.warning("job %s: no webhook secret configured; webhook not sent", job.id)
+            await self.jobs.set_webhook_state(job.id, "failed")
             return
-        await self.jobs.set_webhook_state(job.id, "sending")
+        # Hold the delivery for one lease, renewed before each try; a replica that dies holding it lets
+        # another replica's sweep send it once the hold lapses.
+        hold = self.config.lease_s
+        if not await self.jobs.claim_webhook(job.id, hold):
+            return
+
+        async def renew() -> None:
+            await self.jobs.hold_webhook(job.id, hold)
+
         ok = await deliver(job.webhook_url, secret, {"id": job.id, **job.view()},
-                           attempts=self.config.webhook_attempts, backoff_s=self.config.webhook_backoff_s)
+                           attempts=self.config.webhook_attempts, backoff_s=self.config.webhook_backoff_s,
+                           timeout_s=max(1.0, min(10.0, hold / 2)), before_attempt=renew)
         await self.jobs.set_webhook_state(job.id, "sent" if ok else "failed")
+
+    async def send_unsent_webhooks(self) -> None:
+        """Deliver what a dead replica left undelivered (every replica's queue sweep calls this)."""
+        for job_id in await self.jobs.unsent_webhooks(older_than_s=self.config.lease_s):
+            job = await self.jobs.get(job_id)
+            if job is not None:
+                await self._notify(job)
 
 
 def _cost(report: Any) -> float:

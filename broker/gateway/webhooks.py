@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -36,11 +37,14 @@ def verify(secret: str, headers: Any, body: bytes, *, tolerance_s: float = 300.0
 
 
 async def deliver(url: str, secret: str, event: dict[str, Any], *, attempts: int = 6, backoff_s: float = 0.5,
-                  timeout_s: float = 10.0, transport: httpx.AsyncBaseTransport | None = None) -> bool:
+                  timeout_s: float = 10.0, transport: httpx.AsyncBaseTransport | None = None,
+                  before_attempt: Callable[[], Awaitable[None]] | None = None) -> bool:
     """POST ``event``; 2xx ends it. 4xx other than 408/429 is final (the receiver refused); the rest retry."""
     body = json.dumps(event, separators=(",", ":")).encode()
     async with httpx.AsyncClient(timeout=timeout_s, transport=transport, follow_redirects=False) as client:
         for i in range(attempts):
+            if before_attempt is not None:
+                await before_attempt()
             ts = int(time.time())
             headers = {"content-type": "application/json", "webhook-id": str(event.get("id", "")),
                        "webhook-timestamp": str(ts), "webhook-signature": sign(secret, ts, body)}
