@@ -32,14 +32,15 @@ SECRET = "replica-secret"
 JOBS = 1000
 
 
-def start_replica(tmp: Path, name: str, db: str, ledger: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_replica(tmp: Path, name: str, db: str, ledger: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port_file = tmp / f"{name}.port"
     d = tmp / name
     d.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(d / "stderr.log", "wb")  # noqa: SIM115  # the replica writes to it until it is stopped
     proc = subprocess.Popen([sys.executable, "-m", "tests.gateway_replica", "--db", db, "--dir", str(d),
-                             "--ledger", str(ledger), "--port-file", str(port_file), "--webhook-secret", SECRET],
+                             "--ledger", str(ledger), "--port-file", str(port_file), "--webhook-secret", SECRET,
+                             *extra],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 60
     while not port_file.exists():

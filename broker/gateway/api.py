@@ -8,6 +8,7 @@ typed 4xx naming the field — never a 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -218,12 +219,23 @@ def create_app(gw: Gateway) -> FastAPI:
         return JSONResponse({"id": job.id, "state": job.state}, status_code=202 if created else 200)
 
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, request: Request) -> Response:
+    async def get_job(job_id: str, request: Request, wait: float = 0.0) -> Response:
+        """The job's state; ``wait=S`` holds the answer up to S seconds (≤ 60) until the job finishes."""
         tenant = await authenticate(gw, request)
-        job = await gw.jobs.get(job_id, tenant.id)
-        if job is None:
-            raise HTTPError(404, "NotFound", f"no job {job_id}")
-        return JSONResponse(job.view())
+        if not 0.0 <= wait <= 60.0:
+            raise HTTPError(422, "InvalidRequest", "must be 0..60 seconds", field="wait")
+        deadline = time.monotonic() + wait
+        while True:
+            job = await gw.jobs.get(job_id, tenant.id)
+            if job is None:
+                raise HTTPError(404, "NotFound", f"no job {job_id}")
+            left = deadline - time.monotonic()
+            if job.terminal or left <= 0:
+                return JSONResponse(job.view())
+            # woken at once when this replica finishes a job; another replica's jobs are seen by re-reading
+            async with gw.runner.finished:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gw.runner.finished.wait(), min(0.25, left))
 
     @app.get("/v1/jobs/{job_id}/output")
     async def get_output(job_id: str, request: Request) -> Response:

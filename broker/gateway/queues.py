@@ -129,7 +129,10 @@ class ProcrastinateQueue(JobQueue):
         self._tasks.append(asyncio.create_task(self.app.run_worker_async(
             queues=[self.queue_name], concurrency=self.concurrency, install_signal_handlers=False,
             update_heartbeat_interval=self.heartbeat_s, stalled_worker_timeout=self.stalled_after_s,
-            delete_jobs="successful", name=self.runner.owner)))
+            delete_jobs="successful", name=self.runner.owner,
+            # on SIGTERM running jobs get one lease to finish; then they are cancelled (at the provider too)
+            # and, their lease lapsing, another replica picks them up
+            shutdown_graceful_timeout=self.runner.config.lease_s)))
         self._tasks.append(asyncio.create_task(self._sweep()))
 
     async def _apply_schema(self) -> None:

@@ -71,6 +71,8 @@ class JobRunner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.latencies: list[float] = []
         self.running = 0
+        #: notified whenever a job this replica ran finishes (``GET /v1/jobs/{id}?wait=`` listens)
+        self.finished = asyncio.Condition()
 
     async def run(self, job_id: str) -> str:
         """Run ``job_id`` if it can be claimed; returns what happened ("done", "busy" or "skipped")."""
@@ -131,6 +133,8 @@ class JobRunner:
                 await keeper
         self.latencies.append(time.monotonic() - t0)
         del self.latencies[:-1000]
+        async with self.finished:
+            self.finished.notify_all()
         final = await self.jobs.get(job.id)
         if final is not None and final.terminal and final.webhook_url:
             await self._notify(final)
