@@ -178,8 +178,9 @@ def bundle(opts: KubernetesOptions) -> Bundle:
         platform="kubernetes",
         files={f"{opts.name}.yaml": docs},
         commands=[
-            f"kubectl{ns} create secret generic {opts.api_key_secret} "
-            f'--from-literal={SECRET_KEY}="${API_KEY_ENV}"',
+            # the key on stdin, not in kubectl's arguments (which `ps` shows)
+            f'printf %s "${API_KEY_ENV}" | kubectl{ns} create secret generic {opts.api_key_secret} '
+            f"--from-file={SECRET_KEY}=/dev/stdin",
             f"kubectl{ns} apply -f {opts.name}.yaml",
             f"kubectl{ns} rollout status deployment/{opts.name}",
         ],
