@@ -129,6 +129,13 @@ def test_ecs_inputs_validate(avatars: str | None) -> None:
     target = bundle.files["scalable-target.json"]
     assert (target["MinCapacity"], target["MaxCapacity"]) == (0, 5)
     assert json.loads(bundle.stdout()).keys() == bundle.files.keys()
+    assert "--secret-arn" in bundle.notes[0] and "--target-group-arn" in bundle.notes[0]
+    mine = ecs.bundle(ecs.ECSOptions(
+        secret_arn="arn:aws:ssm:eu-west-1:555566667777:parameter/broker/key",
+        execution_role_arn="arn:aws:iam::555566667777:role/exec", vpc_id="vpc-1", subnets=["subnet-1"],
+        security_groups=["sg-1"], target_group_arn="arn:aws:elasticloadbalancing:eu-west-1:555566667777:tg/x/1"))
+    assert not any("documentation examples" in n for n in mine.notes)
+    validate_aws("ecs", "RegisterTaskDefinition", mine.files["task-definition.json"])
 
 
 @pytest.mark.parametrize(("gpus", "avatars"), [(1, "gs://broker-avatars"), (0, None)])

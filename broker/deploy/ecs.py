@@ -174,9 +174,22 @@ def scaling_policy(opts: ECSOptions) -> dict[str, Any]:
     }
 
 
+#: the AWS documentation's example account, which the defaults use: left in, the calls fail
+_EXAMPLE_MARKERS = ("123456789012", "0123456789abcdef")
+
+
+def placeholders_left(opts: ECSOptions) -> list[str]:
+    """The options still at their documentation-example defaults."""
+    values = {"--secret-arn": opts.secret_arn, "--execution-role-arn": opts.execution_role_arn,
+              "--vpc-id": opts.vpc_id, "--subnet": " ".join(opts.subnets),
+              "--security-group": " ".join(opts.security_groups), "--target-group-arn": opts.target_group_arn}
+    return [flag for flag, value in values.items() if any(m in value for m in _EXAMPLE_MARKERS)]
+
+
 def bundle(opts: ECSOptions) -> Bundle:
     opts.check()
     region = f" --region {opts.region}"
+    left = placeholders_left(opts)
     return Bundle(
         platform="ecs",
         files={"task-definition.json": task_definition(opts), "target-group.json": target_group(opts),
@@ -193,7 +206,8 @@ def bundle(opts: ECSOptions) -> Bundle:
             "--cli-input-json file://scalable-target.json",
             f"aws application-autoscaling put-scaling-policy{region} --cli-input-json file://scaling-policy.json",
         ],
-        notes=["GPU tasks need EC2 capacity (an ECS GPU-optimized AMI in the cluster's capacity provider)",
+        notes=[*([f"still AWS documentation examples, give your own: {', '.join(left)}"] if left else []),
+               "GPU tasks need EC2 capacity (an ECS GPU-optimized AMI in the cluster's capacity provider)",
                f"scaling reads {QUEUE_DEPTH_METRIC} from CloudWatch: run the CloudWatch agent with a Prometheus "
                "scrape of /metrics (docs/SELF_HOSTED.md)"],
     )
