@@ -20,6 +20,7 @@ from broker.cli import app
 from broker.deploy import aci, cloudrun, ecs, kubernetes
 from broker.deploy.fleet import API_KEY_ENV, HEALTH_PATH, QUEUE_DEPTH_METRIC, READY_PATH
 from broker.errors import InvalidRequest
+from tests.conftest import run_cli
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 botocore_session = pytest.importorskip("botocore.session")
@@ -236,3 +237,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     not_dir = runner.invoke(app, ["deploy", "aci", "-o", str(tmp_path / "file")])
     assert not_dir.exit_code == 2 and "not a folder" in not_dir.output
+
+
+def test_dry_run_stdout_is_only_the_manifests() -> None:
+    """As a user pipes it: `broker deploy kubernetes --dry-run | kubectl apply -f -`."""
+    proc = run_cli("deploy", "kubernetes", "--dry-run", "--avatars", "pvc", "--max-replicas", "3",
+                   env={API_KEY_ENV: SECRET})
+    assert proc.returncode == 0, proc.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(proc.stdout)]
+    assert kinds == ["PersistentVolumeClaim", "Deployment", "Service", "HorizontalPodAutoscaler"]
+    assert "kubectl -n default apply -f broker-worker.yaml" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
