@@ -106,3 +106,15 @@ def test_the_manager_fails_over_when_the_whole_pool_is_down() -> None:
         assert len(route) == 2, "both workers were tried before the manager moved on"
     finally:
         manager.close()
+
+
+async def test_routes_are_remembered_for_recent_jobs_only() -> None:
+    from broker.providers.http_pool import ROUTES_KEPT
+
+    async with HTTPProvider(urls=[_closed_url()]) as provider:
+        provider.pool.pool.refresh_s = 3600.0
+        provider.pool.pool.members[0].reported_at = time.monotonic()
+        for n in range(ROUTES_KEPT + 5):
+            await provider.pool._next(f"job-{n}", set(), None)
+        assert len(provider.pool.routes) == ROUTES_KEPT
+        assert next(iter(provider.pool.routes)) == "job-5", "the oldest are dropped first"

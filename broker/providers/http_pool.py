@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 from broker.errors import BrokerError, EngineUnavailable, JobLost, ProviderError, ProviderUnavailable, RateLimited
 from broker.providers.http import HTTPJobClient, safe_url
 
+#: jobs whose route through the pool is remembered (``PoolClient.routes``)
+ROUTES_KEPT = 1000
 #: errors after which the same job may run on another worker of the pool
 POOL_RETRYABLE: tuple[type[BrokerError], ...] = (ProviderUnavailable, JobLost, RateLimited, EngineUnavailable)
 
@@ -134,8 +137,9 @@ class PoolClient:
     def __init__(self, pool: WorkerPool, provider: str) -> None:
         self.pool = pool
         self.provider = provider
-        #: the workers each job was sent to, in order (job id → URLs): what happened where, for reports
-        self.routes: dict[str, list[str]] = {}
+        #: the workers each recent job was sent to, in order (job id → URLs), the last ROUTES_KEPT jobs:
+        #: what happened where, for reports and tests, without growing in a long-lived process
+        self.routes: OrderedDict[str, list[str]] = OrderedDict()
 
     async def _next(self, job_id: str, tried: set[int], last: BrokerError | None) -> PoolMember:
         member = await self.pool.choose(tried)
@@ -144,7 +148,12 @@ class PoolClient:
                 raise last
             raise ProviderUnavailable(f"{self.provider}: no worker in the pool", provider=self.provider)
         tried.add(self.pool.index(member))
-        self.routes.setdefault(job_id, []).append(member.url)
+        route = self.routes.get(job_id)
+        if route is None:
+            route = self.routes[job_id] = []
+            while len(self.routes) > ROUTES_KEPT:
+                self.routes.popitem(last=False)
+        route.append(member.url)
         return member
 
     async def run(self, payload: dict[str, Any]) -> dict[str, Any]:
