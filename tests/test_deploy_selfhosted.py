@@ -148,6 +148,12 @@ def test_cloudrun_service_validates(gpus: int, avatars: str | None) -> None:
     assert tpl.scaling.max_instance_count == 3 and tpl.max_instance_request_concurrency == 6
     worker = tpl.containers[0]
     assert worker.liveness_probe.http_get.path == HEALTH_PATH and worker.readiness_probe.http_get.path == READY_PATH
+    startup = worker.startup_probe
+    assert startup.http_get.path == READY_PATH, "no traffic before the engines are loaded"
+    assert startup.failure_threshold * startup.period_seconds <= cloudrun.STARTUP_PROBE_MAX_S
+    from google.api import launch_stage_pb2
+
+    assert msg.launch_stage == launch_stage_pb2.LaunchStage.BETA, "readiness probes are a Preview feature"
     if gpus:
         assert tpl.node_selector.accelerator == "nvidia-l4" and worker.resources.limits["nvidia.com/gpu"] == "1"
         assert worker.resources.cpu_idle is False

@@ -11,7 +11,10 @@ cloud.google.com/run/docs/configuring/services/gpu; validated in tests by parsin
   (``cpuIdle: false``: the CPU stays allocated) and, without zonal-redundancy quota,
   ``gpuZonalRedundancyDisabled``;
 - the key: an env var whose ``valueSource.secretKeyRef`` names a Secret Manager secret;
-- probes: startup and liveness on /health, readiness on /ready;
+- probes: liveness on /health; the startup probe on /ready (Cloud Run sends no traffic before it passes,
+  and allows it at most 240 s: failureThreshold × periodSeconds), and a readiness probe on /ready, which
+  is a Preview feature (cloud.google.com/run/docs/configuring/healthchecks, 2026-12-01), hence
+  ``launchStage: BETA``;
 - presets: a read-only Cloud Storage volume mounted at /avatars;
 - scaling: min/max instances, and ``maxInstanceRequestConcurrency`` = job slots + waiting room, so Cloud
   Run starts another instance instead of queueing past what one worker accepts.
@@ -29,6 +32,8 @@ ACCELERATOR = "nvidia-l4"
 #: Cloud Run's floor for an L4 instance (cloud.google.com/run/docs/configuring/services/gpu, 2026-12-01)
 L4_MIN_CPU = 4.0
 L4_MIN_MEMORY_GIB = 16.0
+#: Cloud Run's cap on a startup probe's failureThreshold × periodSeconds
+STARTUP_PROBE_MAX_S = 240
 
 
 @dataclass
@@ -75,7 +80,7 @@ def service(opts: CloudRunOptions) -> dict[str, Any]:
         ],
         # GPU services bill the whole instance life anyway; keeping the CPU allocated is required.
         "resources": {"limits": limits, "cpuIdle": not opts.gpus, "startupCpuBoost": True},
-        "startupProbe": _probe(HEALTH_PATH, period=10, failures=60),
+        "startupProbe": _probe(READY_PATH, period=10, failures=STARTUP_PROBE_MAX_S // 10),
         "livenessProbe": _probe(HEALTH_PATH, period=15, failures=4),
         "readinessProbe": _probe(READY_PATH, period=5, failures=2),
     }
@@ -98,6 +103,8 @@ def service(opts: CloudRunOptions) -> dict[str, Any]:
     return {
         "labels": {"app": opts.name, "part-of": "broker"},
         "ingress": "INGRESS_TRAFFIC_ALL",
+        # readiness probes are Preview on Cloud Run: a service using one must say BETA
+        "launchStage": "BETA",
         # The worker checks its own API key; Cloud Run IAM would need a Google identity token on every call.
         "invokerIamDisabled": True,
         "scaling": {"minInstanceCount": opts.min_replicas},
@@ -125,4 +132,5 @@ def bundle(opts: CloudRunOptions) -> Bundle:
     )
 
 
-__all__ = ["ACCELERATOR", "L4_MIN_CPU", "L4_MIN_MEMORY_GIB", "CloudRunOptions", "bundle", "service"]
+__all__ = ["ACCELERATOR", "L4_MIN_CPU", "L4_MIN_MEMORY_GIB", "STARTUP_PROBE_MAX_S", "CloudRunOptions", "bundle",
+           "service"]
