@@ -199,7 +199,7 @@ class CSMEngine(SpeechEngine):
             history.append(_Turn(speaker, piece, audio))
             out = resample(audio, self.codec_rate, SAMPLE_RATE)[:samples_left]
             samples_left -= len(out)
-            yield Audio(out, SAMPLE_RATE)
+            yield Audio(out, SAMPLE_RATE, text=piece)
 
     # -- internals -----------------------------------------------------------
     def _speaker_id(self, speaker: int | str) -> int:

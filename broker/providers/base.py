@@ -183,7 +183,7 @@ class Job(ABC):
         out = await self.result()
         if not isinstance(out, Audio):
             raise TypeError("only speech jobs stream audio")
-        yield AudioChunk(out, 0, final=True)
+        yield AudioChunk(out, 0, final=True, text=out.text if out.text is not None else self.request.text)
 
     async def cancel(self) -> None:
         """Idempotent: cancelling a finished job does nothing."""
