@@ -253,7 +253,8 @@ async def test_manager_fails_over_when_the_worker_crashes_and_recovers(emu: RunP
     assert attempts(out) == [("runpod", "failed", JobFailed.__name__), ("local", "succeeded", None)]
     assert out.report is not None and "exited unexpectedly" in (out.report.attempts[0].message or "")
     emu.set_faults(crash_rate=0.0)
-    healed = await manager.agenerate_speech("A new worker took over.", return_tensor=False)  # queues until the new worker is up
+    # queues until the new worker is up
+    healed = await manager.agenerate_speech("A new worker took over.", return_tensor=False)
     assert attempts(healed) == [("runpod", "succeeded", None)]
     crashed = [w for w in emu.state()["workers"].values() if w["exit_code"] is not None]
     assert crashed and crashed[0]["exit_code"] == -9
