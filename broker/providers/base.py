@@ -62,12 +62,14 @@ class Capabilities:
 
     @classmethod
     def broker_worker(cls, hardware: str, **overrides: Any) -> Capabilities:
-        """What a worker running ``broker.worker.handle`` offers: both tasks, every engine, streaming."""
-        from broker.engines import SPEECH_ENGINES
+        """What a worker running ``broker.worker.handle`` offers: both tasks, streaming, and the engines this
+        process really has (built-ins whose dependencies and weights are here, plugins that import);
+        a remote worker's adapter passes ``engines=`` with what its endpoint carries."""
+        from broker import engines
 
         fields: dict[str, Any] = {
             "tasks": frozenset({"speech", "render"}),
-            "engines": frozenset(SPEECH_ENGINES),
+            "engines": frozenset(engines.available()),
             "streaming": True,
             "hardware": hardware,
         }
