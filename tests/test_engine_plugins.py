@@ -201,3 +201,16 @@ async def test_runpod_sdk_worker_serves_the_plugin_through_the_manager(plugin_en
         await manager.aclose()
     finally:
         emu.stop()
+
+
+def test_modal_and_replicate_images_take_extra_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`BROKER_EXTRA_PIP` at deploy time is to Modal's and Replicate's images what EXTRA_PIP is to the Dockerfiles."""
+    from broker.deploy.replicate import image_requirements
+
+    plain = image_requirements()
+    monkeypatch.setenv("BROKER_EXTRA_PIP", "broker-tone-engine==0.1.0 'other-engine>=2'")
+    assert image_requirements() == [*plain, "broker-tone-engine==0.1.0", "other-engine>=2"]
+    pytest.importorskip("modal")
+    from tests.modal_helpers import load_modal_app
+
+    assert load_modal_app("broker_modal_app_extra").extra_pip() == ["broker-tone-engine==0.1.0", "other-engine>=2"]
