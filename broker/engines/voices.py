@@ -50,8 +50,8 @@ class VoiceVariant:
 NATURAL = VoiceVariant("")
 
 #: speakers after the configured voices, in id order. Measured on the packaged voice by
-#: scripts/voices.py (median F0 / spectral centroid): natural ≈ 95 Hz / 2.0 kHz, higher ≈ 126 Hz /
-#: 2.7 kHz, lower ≈ 84 Hz / 1.6 kHz, brisk ≈ 108 Hz / 2.3 kHz.
+#: scripts/voices.py (median F0 / spectral centroid): natural ≈ 95 Hz / 2.0 kHz, higher ≈ 129 Hz /
+#: 2.7 kHz, lower ≈ 81 Hz / 1.6 kHz, brisk ≈ 111 Hz / 2.3 kHz (docs/PERFORMANCE.md).
 VARIANTS: tuple[VoiceVariant, ...] = (
     VoiceVariant("higher", pitch=1.35, pace=1.05, noise_w=1.0),
     VoiceVariant("lower", pitch=0.8, pace=0.95, noise_w=0.6),
