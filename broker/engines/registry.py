@@ -13,7 +13,8 @@ when it has that classmethod, else ``Class()``, and may say it cannot run here w
 the local provider, ``broker worker serve`` and every handler image (built with ``EXTRA_PIP``).
 
 Availability is checked without loading weights (a worker's capabilities are asked for often):
-built-ins by their dependencies and configuration, plugins by importing their class.
+built-ins by their dependencies and configuration, plugins by importing their class — so a plugin's
+module should stay light and import its heavy libraries (torch, ...) in ``load()``.
 """
 
 from __future__ import annotations
