@@ -110,7 +110,7 @@ class LocalJob(BackgroundJob):
                 await self.wait()
                 raise self.error or JobFailed(str(item), provider=self.provider)
             # each piece goes out as soon as the engine makes it; the end has its own marker
-            yield AudioChunk(item, index)
+            yield AudioChunk(item, index, text=item.text)
             index += 1
         await self.wait()
         if self.error is not None:
