@@ -214,8 +214,8 @@ class AudioChunk:
 
     @classmethod
     def end(cls, index: int, sample_rate: int = SAMPLE_RATE) -> AudioChunk:
-        """The end-of-stream marker: no samples, ``final``, ``index`` one past the last piece."""
-        return cls(Audio(np.zeros(0, dtype=np.float32), sample_rate), index, final=True)
+        """The end-of-stream marker: no samples, no words (``text=""``), ``final``, one past the last index."""
+        return cls(Audio(np.zeros(0, dtype=np.float32), sample_rate, text=""), index, final=True, text="")
 
     @property
     def is_end(self) -> bool:
