@@ -93,7 +93,8 @@ async def test_speech_through_the_real_worker(emu: RunPodEmulator) -> None:
     out = await job.result(timeout=120)
     assert isinstance(out, Audio)
     speechy(out, 1.0)
-    assert out.phonemes, "phoneme timings travel through the wire"
+    # speech loads no phoneme alignments (renders do: issue 15); the wire's phonemes are in test_types_wire
+    assert not out.phonemes
     assert job.billing is not None and job.billing.estimated and job.billing.run_seconds is not None
     assert emu.job(job.id)["status"] == "COMPLETED"
     await rp.aclose()
