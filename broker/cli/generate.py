@@ -50,43 +50,85 @@ def _result_json(output: Audio | Video, path: Path, elapsed: float) -> dict[str,
 
 
 def speak(
-    text: Annotated[str, typer.Argument(help="What to say.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="WAV (or .flac) file to write.")] = Path("out.wav"),
+    text: Annotated[str | None, typer.Argument(help="What to say (or use --file).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Audio file: .wav .flac .mp3 .m4a .aac .m4b (default out.wav).")] = None,
     speaker: Annotated[str, typer.Option("--speaker", "-s", help="Speaker id or voice name.")] = "0",
     provider: Annotated[str | None, typer.Option("--provider", "-p", help="Run on this provider only.")] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="piper | csm (default: configured)")] = None,
     max_length_ms: Annotated[float | None, typer.Option("--max-length-ms")] = None,
+    file: Annotated[str | None, typer.Option(
+        "--file", "-f", help="A book: .txt, .md or .epub (- = stdin), split across many workers.")] = None,
+    split_chapters: Annotated[Path | None, typer.Option(
+        "--split-chapters", help="With --file: one audio file per chapter in this directory.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="With --file: at most this many at once.")] = None,
+    deadline: Annotated[float | None, typer.Option(
+        "--deadline", help="With --file: seconds the book may take (picks the cheapest parallelism).")] = None,
+    max_usd: Annotated[float | None, typer.Option(
+        "--max-usd", help="With --file: stop cleanly (resumable) before this run spends more.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Synthesise TEXT to an audio file."""
+    """Synthesise TEXT (or a whole --file) to an audio file, written as it is made."""
 
     def run() -> None:
-        request = build(SpeechRequest, text=text, speaker=_speaker(speaker), engine=engine,
-                        max_length_ms=max_length_ms)
-        if output.suffix.lower() not in (".wav", ".flac"):
-            raise InvalidRequest("output", "must end in .wav or .flac")
-        started = time.perf_counter()
-        manager = _manager(provider)
-        with atomic_output(output) as tmp:
-            if interactive() and not as_json:
-                with err.status(f"speaking {request.words()} words…"):
-                    audio = manager.run_request(request)
-            else:
-                audio = manager.run_request(request)
-            assert isinstance(audio, Audio)
-            audio.save(tmp)
-        elapsed = time.perf_counter() - started
-        if as_json:
-            print_json(_result_json(audio, output, elapsed))
-        else:
-            report = audio.report
-            out.print(
-                f"wrote [bold]{output}[/] · {audio.duration_s:.2f} s of audio · "
-                f"{report.provider if report else '?'} · ${report.cost_usd if report else 0:.5f} · "
-                f"{elapsed:.2f} s"
-            )
+        if (text is None) == (file is None):
+            raise InvalidRequest("text", "give TEXT or --file PATH (not both)")
+        if file is not None:
+            from broker.cli.longform import speak_file
+
+            speak_file(_manager(provider), file, output=output, split_dir=split_chapters, as_json=as_json,
+                       speaker=_speaker(speaker), engine=engine, workers=workers, deadline_s=deadline,
+                       max_usd=max_usd)
+            return
+        if split_chapters is not None or workers is not None or deadline is not None or max_usd is not None:
+            raise InvalidRequest("file", "--split-chapters, --workers, --deadline and --max-usd need --file")
+        _speak_text(text or "", output or Path("out.wav"), speaker, provider, engine, max_length_ms, as_json)
 
     guarded(run)
+
+
+def _speak_text(text: str, output: Path, speaker: str, provider: str | None, engine: str | None,
+                max_length_ms: float | None, as_json: bool) -> None:
+    """Short text: streamed to the file sentence by sentence through the long-work writer (flat memory)."""
+    from broker._sync import iterate_sync
+    from broker.longform.writer import AudioWriter, check_output_path
+
+    request = build(SpeechRequest, text=text, speaker=_speaker(speaker), engine=engine, max_length_ms=max_length_ms)
+    check_output_path(output)
+    started = time.perf_counter()
+    manager = _manager(provider)
+    request.check_limits(manager.settings.limits)
+    writer = AudioWriter(output)
+    done = False
+    try:
+        chunks = manager.astream_speech(text, request.speaker, engine=engine, max_length_ms=max_length_ms)
+        if interactive() and not as_json:
+            with err.status(f"speaking {request.words()} words…"):
+                for chunk in iterate_sync(chunks):
+                    writer.write(chunk.audio.samples)
+        else:
+            for chunk in iterate_sync(chunks):
+                writer.write(chunk.audio.samples)
+        writer.finish()
+        done = True
+    finally:
+        if not done:
+            writer.stop(keep_partial=False)
+    elapsed = time.perf_counter() - started
+    report = manager.last_report
+    seconds = writer.seconds
+    if as_json:
+        print_json({
+            "output": str(output), "provider": report.provider if report else None,
+            "attempts": [a.model_dump() for a in report.attempts] if report else [],
+            "cost_usd": round(report.cost_usd, 8) if report else 0.0, "wall_seconds": round(elapsed, 3),
+            "audio_seconds": round(seconds, 3), "sample_rate": writer.sample_rate,
+        })
+    else:
+        out.print(
+            f"wrote [bold]{output}[/] · {seconds:.2f} s of audio · "
+            f"{report.provider if report else '?'} · ${report.cost_usd if report else 0:.5f} · {elapsed:.2f} s"
+        )
 
 
 def render(
