@@ -41,10 +41,7 @@ def speak_file(manager: Any, file: str, *, output: Path | None, split_dir: Path 
                **options: Any) -> None:
     job = build_job(manager, file, output=output, split_dir=split_dir, **options)
     try:
-        if interactive() and not as_json:
-            result = _with_bar(job)
-        else:
-            result = asyncio.run(job.run())
+        result = _with_bar(job) if interactive() and not as_json else asyncio.run(job.run())
     finally:
         job.close()
     if as_json:

@@ -52,18 +52,23 @@ class Lane:
     cold_usd: float
     priced: bool = True
     in_flight: int = 0
+    #: words in the piece the quote is for (a piece of other length scales its run time and $)
+    words: int = 0
+
+    def piece_usd(self, words: int) -> float:
+        return self.usd * words / self.words if self.words else self.usd
 
     @property
     def free(self) -> bool:
         return self.in_flight < self.limit
 
 
-def lane_from_quotes(name: str, limit: int, warm: Quote, cold: Quote) -> Lane:
+def lane_from_quotes(name: str, limit: int, warm: Quote, cold: Quote, words: int = 0) -> Lane:
     """A lane from a warm quote (p_cold = 0) and a cold one (p_cold = 1) for the same piece."""
     run_s = warm.breakdown.get("run", warm.expected_seconds)
     cold_s = cold.breakdown.get("cold_start", 0.0)
     return Lane(name, limit, run_s, warm.expected_usd, cold_s, max(0.0, cold.expected_usd - warm.expected_usd),
-                priced="unpriced" not in warm.breakdown)
+                priced="unpriced" not in warm.breakdown, words=words)
 
 
 @dataclass

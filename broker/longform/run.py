@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, BudgetStopped, InvalidRequest, PieceFailed
-from broker.longform.chunk import TARGET_RUN_S, Piece, split_pieces, words_per_piece
+from broker.longform.chunk import SECONDS_PER_WORD, TARGET_RUN_S, Piece, split_pieces, words_per_piece
 from broker.longform.journal import Journal, PieceRecord
 from broker.longform.plan import Lane, concurrency, lane_from_quotes, simulate, workers_for_deadline
 from broker.longform.stitch import pause, prepare
@@ -101,9 +101,11 @@ class LongJob:
         self._fields = {"speaker": speaker, "engine": engine, "temperature": temperature, "topk": topk}
         # the request every piece shares, checked now: bad settings fail before anything runs
         sample = build(SpeechRequest, text="word " * _SAMPLE_WORDS, context=self.context, **self._fields)
-        self.lanes = self._lanes(sample)
-        rtf = self.lanes[0].run_s / (_SAMPLE_WORDS * 0.4) if self.lanes else 1.0
+        lanes = self._lanes(sample, _SAMPLE_WORDS)
+        rtf = lanes[0].run_s / (_SAMPLE_WORDS * SECONDS_PER_WORD)
         max_words = min(words_per_piece(rtf, target_run_s), _ENGINE_MAX_WORDS.get(self.engine, 10**6))
+        # quoted again for a piece of the size chosen, so cold starts and minimum bills weigh right
+        self.lanes = self._lanes(sample.model_copy(update={"text": "word " * max_words}), max_words)
         ctx_key = hashlib.sha256(b"".join(s.audio.samples.tobytes() + s.text.encode() for s in self.context))
         key_settings = {**self._fields, "engine": self.engine, "context": ctx_key.hexdigest()}
         self.pieces: list[Piece] = split_pieces(self.chapters, max_words, key_settings,
@@ -118,7 +120,7 @@ class LongJob:
             self.workers, _ = workers_for_deadline(len(self.pieces), self.lanes, deadline_s)
         self._queue: asyncio.Queue[AudioChunk | None] | None = None
 
-    def _lanes(self, sample: SpeechRequest) -> list[Lane]:
+    def _lanes(self, sample: SpeechRequest, words: int) -> list[Lane]:
         m = self.manager
         plan = m.plan(sample)
         if not plan.ordered:
@@ -129,9 +131,9 @@ class LongJob:
             hw = c.provider.capabilities.hardware
             if m.catalog.price(c.name, hw) is not None:
                 q = [m.catalog.quote(c.name, hw, sample, default_engine=self.engine, p_cold=p) for p in (0.0, 1.0)]
-                lane = lane_from_quotes(c.name, concurrency(c.provider, m.settings), q[0], q[1])
+                lane = lane_from_quotes(c.name, concurrency(c.provider, m.settings), q[0], q[1], words)
             else:
-                lane = lane_from_quotes(c.name, concurrency(c.provider, m.settings), c.quote, c.quote)
+                lane = lane_from_quotes(c.name, concurrency(c.provider, m.settings), c.quote, c.quote, words)
             lanes.append(lane)
         return lanes
 
@@ -220,7 +222,7 @@ class LongJob:
             anchor = self.engine == "csm" and not self.context
             tasks: set[asyncio.Task[None]] = set()
             for n, piece in enumerate(missing):
-                lane = await self._take_slot()
+                lane = await self._take_slot(piece)
                 if lane is None:
                     break
                 t = asyncio.create_task(self._run_piece(piece, lane))
@@ -234,25 +236,26 @@ class LongJob:
             for ev in self._events.values():
                 ev.set()  # wake the stitcher: it sees which pieces never came
 
-    async def _take_slot(self) -> Lane | None:
+    async def _take_slot(self, piece: Piece) -> Lane | None:
         async with self._slot_free:
             while True:
                 if self._stop is not None:
                     return None
                 busy = sum(lane.in_flight for lane in self.lanes)
                 lane = next((x for x in self.lanes if x.free), None) if busy < self.workers else None
-                if lane is not None and self.max_usd is not None:
-                    if self._spent + self._in_flight_usd + lane.usd > self.max_usd + 1e-12:
-                        if busy:
-                            await self._slot_free.wait()  # what is in flight may settle below its quote
-                            continue
-                        self._stop = BudgetStopped(
-                            f"the job's cap of ${self.max_usd:g} is reached (${self._spent:.4f} spent this run)",
-                            spent_usd=self._spent)
-                        return None
+                over = (lane is not None and self.max_usd is not None
+                        and self._spent + self._in_flight_usd + lane.piece_usd(piece.words) > self.max_usd + 1e-12)
+                if over:
+                    if busy:
+                        await self._slot_free.wait()  # what is in flight may settle below its quote
+                        continue
+                    self._stop = BudgetStopped(
+                        f"the job's cap of ${self.max_usd:g} is reached (${self._spent:.4f} spent this run)",
+                        spent_usd=self._spent)
+                    return None
                 if lane is not None:
                     lane.in_flight += 1
-                    self._in_flight_usd += lane.usd
+                    self._in_flight_usd += lane.piece_usd(piece.words)
                     return lane
                 await self._slot_free.wait()
 
@@ -271,8 +274,8 @@ class LongJob:
         try:
             request = build(SpeechRequest, text=piece.text, context=self._context_for(piece), **self._fields)
             avoid = [x.name for x in self.lanes if not x.free and x is not lane]
-            cap = None if self.max_usd is None else max(lane.usd, self.max_usd - self._spent - self._in_flight_usd
-                                                         + lane.usd)
+            mine = lane.piece_usd(piece.words)
+            cap = None if self.max_usd is None else max(mine, self.max_usd - self._spent - self._in_flight_usd + mine)
             job = await self.manager.submit(request, prefer=[lane.name], avoid=avoid, max_usd=cap)
             await asyncio.to_thread(self.journal.mark_running, piece.key, job.id)
             out = await job.result()
@@ -314,7 +317,7 @@ class LongJob:
             if job is not None and not job.state.terminal:
                 await asyncio.shield(job.cancel())
             lane.in_flight -= 1
-            self._in_flight_usd -= lane.usd
+            self._in_flight_usd -= lane.piece_usd(piece.words)
             ev = self._events.get(piece.index)
             if ev is not None:
                 ev.set()

@@ -70,7 +70,7 @@ def chapters_from_text(text: str, *, markdown: bool | None = None, field: str = 
     if markdown is None:
         markdown = any(_MD_HEADING.match(line) for line in lines)
     chapters: list[Chapter] = []
-    title, body = "", []
+    title, body = "", list[str]()
 
     def close() -> None:
         words = " ".join(body)
