@@ -286,9 +286,7 @@ class LongJob:
                          **({"error": f"{a.error_class}: {a.message}"} if a.error_class else {})}
                         for a in (report.attempts if report else [])]
             provider = report.provider if report else None
-            path = await asyncio.to_thread(self.journal.save_piece, piece.key, out.samples, out.sample_rate,
-                                           provider=provider, cost_usd=cost, attempts=attempts,
-                                           manager_job_id=job.id)
+            path = await asyncio.to_thread(self._save, piece, out, provider, cost, attempts, job.id)
             record = PieceRecord(piece.key, "done", str(path), len(out), provider, cost, job.id)
             for index in self._twins.get(piece.key, [piece.index]):
                 self._records[index] = record
@@ -323,6 +321,16 @@ class LongJob:
                 ev.set()
             async with self._slot_free:
                 self._slot_free.notify_all()
+
+    def _save(self, piece: Piece, out: Audio, provider: str | None, cost: float, attempts: list[dict[str, Any]],
+              job_id: str) -> Path:
+        # the ledger's rows for this piece are on disk before the journal calls it done, so after any
+        # crash "done" always comes with the proof of what it cost (and a rerun never pays again)
+        ledger = getattr(self.manager, "ledger", None)
+        if ledger is not None:
+            ledger.flush()
+        return self.journal.save_piece(piece.key, out.samples, out.sample_rate, provider=provider, cost_usd=cost,
+                                       attempts=attempts, manager_job_id=job_id)
 
     async def _next(self, piece: Piece) -> PieceRecord | None:
         ev = self._events.get(piece.index)
