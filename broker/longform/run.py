@@ -40,6 +40,8 @@ from broker.types import Segment, SpeechRequest, build
 log = logging.getLogger("broker.longform")
 
 _SAMPLE_WORDS = 100
+#: pieces submitted beyond an endpoint's workers (they wait in its queue, never long: one piece's run)
+QUEUE_AHEAD = 1
 #: CSM stops at 90 s of audio; keep its pieces well inside that
 _ENGINE_MAX_WORDS = {"csm": 150}
 
@@ -144,9 +146,11 @@ class LongJob:
     async def run(self) -> LongResult:
         t0 = time.monotonic()
         j = self.journal
-        await asyncio.to_thread(j.begin_job, self.key, self.pieces, [c.title for c in self.chapters],
-                                output=str(self.output or self.split_dir or ""), command=self.command)
         self._records: dict[int, PieceRecord] = {}
+        self._allot, left = {}, self.workers
+        for lane in self.lanes:  # the workers cap, given to the cheapest endpoints first
+            self._allot[lane.name] = min(lane.limit, left)
+            left -= self._allot[lane.name]
         known = await asyncio.to_thread(j.done, [p.key for p in self.pieces])
         for p in self.pieces:
             if p.key in known:
@@ -154,7 +158,9 @@ class LongJob:
         self._reused = len(self._records)
         self._events = {p.index: asyncio.Event() for p in self.pieces if p.index not in self._records}
         self._slot_free = asyncio.Condition()
-        self._spent = self._in_flight_usd = 0.0
+        self._spent = self._in_flight_usd = self._spent_done = 0.0
+        self._words_done = 0
+        self._reserved: dict[int, float] = {}
         self._ran: dict[int, dict[str, Any]] = {}
         self._twins: dict[str, list[int]] = {}
         self._stop: BrokerError | None = None
@@ -162,8 +168,12 @@ class LongJob:
         self._first_audio: float | None = None
         self._audio_s = 0.0
         self._t0 = t0
+        self._handoff: dict[int, np.ndarray] = {}
+        self._head = 0
         dispatcher = asyncio.create_task(self._dispatch())
         try:
+            await asyncio.to_thread(j.begin_job, self.key, self.pieces, [c.title for c in self.chapters],
+                                    output=str(self.output or self.split_dir or ""), command=self.command)
             files = await self._stitch()
         except BaseException:
             dispatcher.cancel()
@@ -242,9 +252,15 @@ class LongJob:
                 if self._stop is not None:
                     return None
                 busy = sum(lane.in_flight for lane in self.lanes)
-                lane = next((x for x in self.lanes if x.free), None) if busy < self.workers else None
+                lane = next((x for x in self.lanes if x.in_flight < self._allot[x.name]), None)
+                if lane is None:
+                    # one piece waits in the provider's own queue per lane, so a worker that finishes
+                    # starts the next piece at once instead of after our round trip
+                    lane = next((x for x in self.lanes if 0 < self._allot[x.name]
+                                 and x.in_flight < self._allot[x.name] + QUEUE_AHEAD), None)
+                est = self._estimate(lane, piece) if lane is not None else 0.0
                 over = (lane is not None and self.max_usd is not None
-                        and self._spent + self._in_flight_usd + lane.piece_usd(piece.words) > self.max_usd + 1e-12)
+                        and self._spent + self._in_flight_usd + est > self.max_usd + 1e-12)
                 if over:
                     if busy:
                         await self._slot_free.wait()  # what is in flight may settle below its quote
@@ -255,9 +271,15 @@ class LongJob:
                     return None
                 if lane is not None:
                     lane.in_flight += 1
-                    self._in_flight_usd += lane.piece_usd(piece.words)
+                    self._in_flight_usd += est
+                    self._reserved[piece.index] = est
                     return lane
                 await self._slot_free.wait()
+
+    def _estimate(self, lane: Lane, piece: Piece) -> float:
+        """What ``piece`` will cost on ``lane``: the quote, or what pieces have really cost per word if more."""
+        observed = self._spent_done / self._words_done * piece.words if self._words_done else 0.0
+        return max(lane.piece_usd(piece.words), observed)
 
     def _context_for(self, piece: Piece) -> list[Segment]:
         if self.context or self.engine != "csm" or piece.index == 0:
@@ -271,10 +293,22 @@ class LongJob:
 
     async def _run_piece(self, piece: Piece, lane: Lane) -> None:
         job: Any = None
+        held = True
+
+        async def release() -> None:
+            # the worker is free the moment its job ends: the next piece starts while this one is saved
+            nonlocal held
+            if held:
+                held = False
+                lane.in_flight -= 1
+                self._in_flight_usd -= self._reserved.pop(piece.index, 0.0)
+                async with self._slot_free:
+                    self._slot_free.notify_all()
+
         try:
             request = build(SpeechRequest, text=piece.text, context=self._context_for(piece), **self._fields)
-            avoid = [x.name for x in self.lanes if not x.free and x is not lane]
-            mine = lane.piece_usd(piece.words)
+            avoid = [x.name for x in self.lanes if x.in_flight >= self._allot[x.name] and x is not lane]
+            mine = self._reserved.get(piece.index, 0.0)
             cap = None if self.max_usd is None else max(mine, self.max_usd - self._spent - self._in_flight_usd + mine)
             job = await self.manager.submit(request, prefer=[lane.name], avoid=avoid, max_usd=cap)
             await asyncio.to_thread(self.journal.mark_running, piece.key, job.id)
@@ -282,6 +316,12 @@ class LongJob:
             report = out.report
             cost = report.cost_usd if report else 0.0
             self._spent += cost
+            self._spent_done += cost
+            self._words_done += piece.words
+            await release()
+            if self._head in self._twins.get(piece.key, [piece.index]):
+                self._handoff[self._head] = out.samples  # the stitcher is waiting for it: no disk round trip
+                self._events[self._head].set()
             attempts = [{"provider": a.provider, "outcome": a.outcome, "cost_usd": round(a.cost_usd, 8),
                          **({"error": f"{a.error_class}: {a.message}"} if a.error_class else {})}
                         for a in (report.attempts if report else [])]
@@ -314,13 +354,10 @@ class LongJob:
         finally:
             if job is not None and not job.state.terminal:
                 await asyncio.shield(job.cancel())
-            lane.in_flight -= 1
-            self._in_flight_usd -= lane.piece_usd(piece.words)
             ev = self._events.get(piece.index)
             if ev is not None:
                 ev.set()
-            async with self._slot_free:
-                self._slot_free.notify_all()
+            await release()
 
     def _save(self, piece: Piece, out: Audio, provider: str | None, cost: float, attempts: list[dict[str, Any]],
               job_id: str) -> Path:
@@ -332,11 +369,17 @@ class LongJob:
         return self.journal.save_piece(piece.key, out.samples, out.sample_rate, provider=provider, cost_usd=cost,
                                        attempts=attempts, manager_job_id=job_id)
 
-    async def _next(self, piece: Piece) -> PieceRecord | None:
+    async def _next(self, piece: Piece) -> np.ndarray | None:
+        """The piece's audio once it is made (handed over if it was the head, else from the journal)."""
+        self._head = piece.index
         ev = self._events.get(piece.index)
         if ev is not None:
             await ev.wait()
-        return self._records.get(piece.index)
+        samples = self._handoff.pop(piece.index, None)
+        if samples is not None:
+            return samples
+        record = self._records.get(piece.index)
+        return None if record is None else await asyncio.to_thread(self.journal.load_piece, record)
 
     async def _stitch(self) -> list[str]:
         files: list[str] = []
@@ -347,10 +390,10 @@ class LongJob:
         ext = self.output.suffix.lower() if self.output is not None else ".wav"
         try:
             for piece in self.pieces:
-                record = await self._next(piece)
-                if record is None:
+                made = await self._next(piece)
+                if made is None:
                     raise self._stop or PieceFailed(f"piece {piece.index} was not made", piece=piece.index)
-                samples = prepare(await asyncio.to_thread(self.journal.load_piece, record), SAMPLE_RATE)
+                samples = prepare(made, SAMPLE_RATE)
                 last = piece.index == len(self.pieces) - 1
                 gap = pause(SAMPLE_RATE, piece.chapter_end) if not last else np.zeros(0, np.float32)
                 first_of_chapter = piece.index == 0 or self.pieces[piece.index - 1].chapter != piece.chapter

@@ -111,6 +111,7 @@ class FakeJob(BackgroundJob):
         self._provider = provider
         self._stream = stream
         self._run_started: float | None = None
+        self._model_s: float | None = None
         pooled = provider._slots is not None
         self._cold = False if pooled else provider._take_cold_start()
         fast = provider.queue_s == 0 and provider.latency_s == 0 and not provider.rtf and not pooled
@@ -150,6 +151,9 @@ class FakeJob(BackgroundJob):
         seconds = p.latency_s + (p.rtf * _audio_seconds(self.request) if p.rtf else 0.0)
         if seconds:
             await asyncio.sleep(seconds * p.time_scale)
+        if p.rtf is not None or p._slots is not None:
+            # the model's seconds, not the (scaled, loaded) clock's: the event loop's lag is not billed
+            self._model_s = seconds + (p.cold_start_s if self._cold else 0.0)
         self._finish()
 
     def _finish(self) -> None:
@@ -164,6 +168,8 @@ class FakeJob(BackgroundJob):
     def _bill(self) -> Billing:
         p = self._provider
         ran = (time.monotonic() - self._run_started) / p.time_scale if self._run_started is not None else 0.0
+        if self._model_s is not None:
+            ran = self._model_s
         billed = ran + (p.idle_billed_s if self._run_started is not None else 0.0)
         if p.billed_seconds is not None and self._run_started is not None:
             billed = p.billed_seconds  # a fixed bill, whatever the clock says (deterministic budget tests)
