@@ -58,11 +58,15 @@ def piece_key(text: str, settings: dict[str, object]) -> str:
 
 
 def split_pieces(chapters: Sequence[Chapter], max_words: int, settings: dict[str, object],
-                 max_chars: int | None = None) -> list[Piece]:
-    """Every chapter cut into pieces of at most ``max_words`` (and ``max_chars``), in reading order."""
+                 max_chars: int | None = None, first_words: int | None = None) -> list[Piece]:
+    """Every chapter cut into pieces of at most ``max_words`` (and ``max_chars``), in reading order.
+
+    ``first_words`` caps the book's first piece: it is what the listener waits for (and, for CSM
+    without a caller's context, what every other piece waits for), so it is kept short."""
     pieces: list[Piece] = []
     for ci, ch in enumerate(chapters):
-        texts = list(_pack(_units(ch.text, max_words, max_chars), max_words, max_chars))
+        first = first_words if ci == 0 and first_words else max_words
+        texts = list(_pack(_units(ch.text, max_words, max_chars), max_words, max_chars, first))
         for j, t in enumerate(texts):
             pieces.append(Piece(len(pieces), ci, t, piece_key(t, settings), chapter_end=j == len(texts) - 1))
     return pieces
@@ -109,15 +113,18 @@ def _phrase_cut(words: list[str], limit: int) -> int:
     return max(1, window)
 
 
-def _pack(units: Iterator[str], max_words: int, max_chars: int | None) -> Iterator[str]:
-    """Join consecutive units while the piece stays within the limits."""
+def _pack(units: Iterator[str], max_words: int, max_chars: int | None,
+          first_words: int | None = None) -> Iterator[str]:
+    """Join consecutive units while the piece stays within the limits (the first within ``first_words``)."""
     buf: list[str] = []
     words = chars = 0
+    limit = first_words or max_words
     for u in units:
         n, c = len(u.split()), len(u) + 1
-        if buf and (words + n > max_words or (max_chars is not None and chars + c > max_chars)):
+        if buf and (words + n > limit or (max_chars is not None and chars + c > max_chars)):
             yield " ".join(buf)
             buf, words, chars = [], 0, 0
+            limit = max_words
         buf.append(u)
         words += n
         chars += c

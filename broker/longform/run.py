@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, BudgetStopped, InvalidRequest, PieceFailed
-from broker.longform.chunk import SECONDS_PER_WORD, TARGET_RUN_S, Piece, split_pieces, words_per_piece
+from broker.longform.chunk import MIN_WORDS, SECONDS_PER_WORD, TARGET_RUN_S, Piece, split_pieces, words_per_piece
 from broker.longform.journal import Journal, PieceRecord
 from broker.longform.plan import Lane, concurrency, lane_from_quotes, simulate, workers_for_deadline
 from broker.longform.stitch import pause, prepare
@@ -111,7 +110,8 @@ class LongJob:
         ctx_key = hashlib.sha256(b"".join(s.audio.samples.tobytes() + s.text.encode() for s in self.context))
         key_settings = {**self._fields, "engine": self.engine, "context": ctx_key.hexdigest()}
         self.pieces: list[Piece] = split_pieces(self.chapters, max_words, key_settings,
-                                                manager.settings.limits.max_text_chars)
+                                                manager.settings.limits.max_text_chars,
+                                                first_words=max(MIN_WORDS, max_words // 4))
         titles = [c.title for c in self.chapters]
         self.key = hashlib.sha256(json.dumps([[p.key for p in self.pieces], titles]).encode()).hexdigest()[:16]
         self.journal = journal or Journal(manager.settings.ledger.path)
@@ -144,7 +144,7 @@ class LongJob:
 
     # -- running ----------------------------------------------------------------------------------
     async def run(self) -> LongResult:
-        t0 = time.monotonic()
+        t0 = asyncio.get_running_loop().time()
         j = self.journal
         self._records: dict[int, PieceRecord] = {}
         self._allot, left = {}, self.workers
@@ -190,7 +190,8 @@ class LongJob:
             output=str(self.output) if self.output else (str(self.split_dir) if self.split_dir else None),
             pieces=len(self.pieces), pieces_run=len(self._ran), pieces_reused=self._reused,
             chapters=len(self.chapters), audio_seconds=self._audio_s, cost_usd=self._spent, providers=providers,
-            attempts=[{"piece": i, **self._ran[i]} for i in sorted(self._ran)], wall_seconds=time.monotonic() - t0,
+            attempts=[{"piece": i, **self._ran[i]} for i in sorted(self._ran)],
+            wall_seconds=asyncio.get_running_loop().time() - t0,
             first_audio_s=self._first_audio, workers=self.workers, job=self.key, files=files)
 
     async def stream(self) -> AsyncIterator[AudioChunk]:
@@ -254,10 +255,11 @@ class LongJob:
                 busy = sum(lane.in_flight for lane in self.lanes)
                 lane = next((x for x in self.lanes if x.in_flight < self._allot[x.name]), None)
                 if lane is None:
-                    # one piece waits in the provider's own queue per lane, so a worker that finishes
-                    # starts the next piece at once instead of after our round trip
-                    lane = next((x for x in self.lanes if 0 < self._allot[x.name]
-                                 and x.in_flight < self._allot[x.name] + QUEUE_AHEAD), None)
+                    # one piece waits in the provider's own queue per full endpoint, so a worker that
+                    # finishes starts the next piece at once instead of after our round trip (only where
+                    # all its workers are ours: below its limit, an extra job would start another worker)
+                    lane = next((x for x in self.lanes if self._allot[x.name] >= x.limit
+                                 and x.in_flight < x.limit + QUEUE_AHEAD), None)
                 est = self._estimate(lane, piece) if lane is not None else 0.0
                 over = (lane is not None and self.max_usd is not None
                         and self._spent + self._in_flight_usd + est > self.max_usd + 1e-12)
@@ -412,7 +414,7 @@ class LongJob:
                     chapter_out = None
                 self._audio_s += (len(samples) + len(gap)) / SAMPLE_RATE
                 if self._first_audio is None:
-                    self._first_audio = time.monotonic() - self._t0
+                    self._first_audio = asyncio.get_running_loop().time() - self._t0
                 if self._queue is not None:
                     await self._queue.put(AudioChunk(Audio(np.concatenate([samples, gap])), piece.index,
                                                      final=last, text=piece.text))
@@ -445,7 +447,7 @@ class LongJob:
         if self.on_progress is None:
             return
         done = len(self._records)
-        elapsed = time.monotonic() - self._t0
+        elapsed = asyncio.get_running_loop().time() - self._t0
         run_now = done - self._reused
         left = len(self.pieces) - done
         eta = elapsed / run_now * left if run_now else None
