@@ -165,8 +165,9 @@ def rss(sizes: list[tuple[int, str]], as_json: bool) -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             if not as_json:
                 r = rows[-1]
-                print(f"{r['words']:>6} words  {r['provider']:<5} {r['pieces']:>4} pieces  {r['audio_min']:>6.1f} audio "
-                      f"min  {r['wall_s']:>6.1f} s  peak RSS {r['peak_rss_mb']} MB", flush=True)
+                print(f"{r['words']:>6} words  {r['provider']:<5} {r['pieces']:>4} pieces  "
+                      f"{r['audio_min']:>6.1f} audio min  {r['wall_s']:>6.1f} s  peak RSS {r['peak_rss_mb']} MB",
+                      flush=True)
     if as_json:
         print(json.dumps({"machine": MACHINE, "rows": rows}, indent=2))
 

@@ -197,8 +197,8 @@ def test_epub_chapters_come_from_the_spine(tmp_path: Path) -> None:
     book.set_title("Two")
     pages = []
     for i in (1, 2):
-        page = epub.EpubHtml(title=f"c{i}", file_name=f"c{i}.xhtml",
-                             content=f"<html><body><h1>Chapter {i}</h1><p>Words of part {i}.</p><p>More</p></body></html>")
+        body = f"<h1>Chapter {i}</h1><p>Words of part {i}.</p><p>More</p>"
+        page = epub.EpubHtml(title=f"c{i}", file_name=f"c{i}.xhtml", content=f"<html><body>{body}</body></html>")
         book.add_item(page)
         pages.append(page)
     book.spine = pages

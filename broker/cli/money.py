@@ -50,9 +50,11 @@ def _quote_rows(text: str, render: bool, engine: str | None, deadline: float | N
 
 
 def quote(
-    text: Annotated[str | None, typer.Argument(help="The text to speak (or to speak and render with --render).")] = None,
+    text: Annotated[str | None, typer.Argument(
+        help="The text to speak (or to speak and render with --render).")] = None,
     file: Annotated[str | None, typer.Option(
-        "--file", "-f", help="A book (.txt/.md/.epub): wall time and $ over 1, 4, 16, 64 workers and the mix.")] = None,
+        "--file", "-f", help="A book (.txt/.md/.epub): wall time and $ over 1, 4, 16, 64 workers and the mix.")
+    ] = None,
     render: Annotated[bool, typer.Option("--render", help="Quote a talking-head render of the text.")] = False,
     engine: Annotated[str | None, typer.Option("--engine", help="piper | csm (default: configured)")] = None,
     deadline: Annotated[float | None, typer.Option("--deadline", help="Seconds the job may take.")] = None,
