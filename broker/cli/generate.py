@@ -140,15 +140,28 @@ def render(
     size: Annotated[int, typer.Option("--size", help="Output width and height in pixels.")] = 512,
     speaker: Annotated[str, typer.Option("--speaker", "-s")] = "0",
     provider: Annotated[str | None, typer.Option("--provider", "-p")] = None,
+    file: Annotated[str | None, typer.Option(
+        "--file", "-f", help="A book or long text (.txt/.md/.epub): spoken across workers, then rendered.")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Long audio: render this many segments at once.")] = 4,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Render a talking-head MP4 from --text or --audio."""
+    """Render a talking-head MP4 from --text, --audio or --file (long audio is cut at pauses and
+    rendered in parallel segments)."""
 
     def run() -> None:
-        if (text is None) == (audio is None):
-            raise InvalidRequest("input", "give exactly one of --text or --audio")
+        if sum(x is not None for x in (text, audio, file)) != 1:
+            raise InvalidRequest("input", "give exactly one of --text, --audio or --file")
         if output.suffix.lower() != ".mp4":
             raise InvalidRequest("output", "must end in .mp4")
+        avatar_bytes = _read_avatar(avatar)
+        long_audio = _long_audio(audio, file, speaker, provider)
+        if long_audio is not None:
+            from broker.cli.longform import render_file
+
+            render_file(_manager(provider), long_audio, output, fps=fps, size=size, avatar=avatar_bytes,
+                        speaker=_speaker(speaker), workers=workers, as_json=as_json)
+            return
         fields: dict[str, Any] = {"fps": fps, "size": size, "speaker": _speaker(speaker)}
         if text is not None:
             fields["text"] = text
@@ -157,11 +170,8 @@ def render(
                 fields["audio"] = Audio.from_file(audio)
             except (OSError, ValueError) as exc:
                 raise InvalidRequest("audio", f"cannot read {audio}: {exc}") from None
-        if avatar is not None:
-            try:
-                fields["avatar"] = avatar.read_bytes()
-            except OSError as exc:
-                raise InvalidRequest("avatar", f"cannot read {avatar}: {exc.strerror}") from None
+        if avatar_bytes is not None:
+            fields["avatar"] = avatar_bytes
         request = build(RenderRequest, **fields)
         started = time.perf_counter()
         manager = _manager(provider)
@@ -184,6 +194,39 @@ def render(
             )
 
     guarded(run)
+
+
+def _read_avatar(avatar: Path | None) -> bytes | None:
+    if avatar is None:
+        return None
+    try:
+        return avatar.read_bytes()
+    except OSError as exc:
+        raise InvalidRequest("avatar", f"cannot read {avatar}: {exc.strerror}") from None
+
+
+def _long_audio(audio: Path | None, file: str | None, speaker: str, provider: str | None) -> Audio | None:
+    """The audio of a long render (a --file spoken first, or an --audio longer than one segment), else None."""
+    from broker.longform.render import SEGMENT_S
+
+    if file is not None:
+        from broker.cli.longform import speak_to_audio
+
+        return speak_to_audio(_manager(provider), file, speaker=_speaker(speaker))
+    if audio is None:
+        return None
+    try:
+        import soundfile as sf
+
+        seconds = sf.info(str(audio)).duration
+    except Exception:  # unreadable here: the normal path below names the problem
+        return None
+    if seconds <= SEGMENT_S * 1.5:
+        return None
+    try:
+        return Audio.from_file(audio)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest("audio", f"cannot read {audio}: {exc}") from None
 
 
 def register(app: typer.Typer) -> None:

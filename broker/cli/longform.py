@@ -67,6 +67,49 @@ def _with_bar(job: Any) -> Any:
         return asyncio.run(job.run())
 
 
+def speak_to_audio(manager: Any, file: str, *, speaker: int | str) -> Any:
+    """A --file spoken across workers into audio for a long render (the pieces are journaled as usual)."""
+    import tempfile
+
+    from broker.media import Audio
+
+    with tempfile.TemporaryDirectory(prefix="broker-render-") as tmp:
+        wav = Path(tmp) / "speech.wav"
+        job = build_job(manager, file, output=wav, split_dir=None, speaker=speaker)
+        try:
+            asyncio.run(job.run())
+        finally:
+            job.close()
+        return Audio.from_file(wav)
+
+
+def render_file(manager: Any, audio: Any, output: Path, *, fps: float, size: int, avatar: bytes | None,
+                speaker: int | str, workers: int, as_json: bool) -> None:
+    from broker.cli.common import atomic_output
+    from broker.longform.render import render_long
+
+    started = time.perf_counter()
+    with atomic_output(output) as tmp:
+        if interactive() and not as_json:
+            with err.status(f"rendering {audio.duration_s / 60:.1f} min in segments…"):
+                result = asyncio.run(render_long(manager, audio, fps=fps, size=size, avatar=avatar,
+                                                 speaker=speaker, workers=workers))
+        else:
+            result = asyncio.run(render_long(manager, audio, fps=fps, size=size, avatar=avatar, speaker=speaker,
+                                             workers=workers))
+        result.video.save(tmp)
+    video = result.video
+    elapsed = time.perf_counter() - started
+    if as_json:
+        print_json({"output": str(output), "segments": result.segments, "frames": video.frames, "fps": video.fps,
+                    "audio_seconds": round(video.audio_seconds, 3), "cost_usd": round(result.cost_usd, 8),
+                    "providers": result.providers, "attempts": result.attempts, "wall_seconds": round(elapsed, 3),
+                    "bytes": len(video.data)})
+        return
+    out.print(f"wrote [bold]{output}[/] · {video.frames} frames @ {video.fps:g} fps ({video.audio_seconds:.1f} s) "
+              f"in {result.segments} segments · ${result.cost_usd:.4f} · {elapsed:.1f} s", highlight=False)
+
+
 def fanout_rows(job: Any) -> list[dict[str, Any]]:
     """Expected wall time and $ for 1, 4, 16, 64 workers on the cheapest endpoint, then the configured mix."""
     from dataclasses import replace
