@@ -101,6 +101,45 @@ async def one_row(scenario: dict[str, Any], workers: int, scale: float, text: st
     }
 
 
+async def render_row(workers: int, minutes: float) -> dict[str, Any]:
+    """A long render's segments over N workers (the join, a local re-encode, is not in the model)."""
+    from broker.longform.render import SEGMENT_S, render_segments
+    from broker.media import SAMPLE_RATE, Audio
+    from broker.money.pricing import Catalog
+    from broker.routing.manager import CloudGPUManager
+    from broker.settings import Settings
+    from broker.testing.fake import FakeProvider
+
+    catalog = Catalog.packaged()
+    row = catalog.price("runpod", "A100-80GB")
+    prof = catalog.profile("render", "gpu")
+    assert row is not None and prof is not None
+    rtf = 25.0 / prof.value  # compute seconds per audio second at 25 fps
+    fake = FakeProvider("runpod", hardware="A100-80GB", rtf=rtf, cold_start_s=row.cold_start_s,
+                        usd_per_second=row.usd_per_second, max_concurrency=workers)
+    settings = Settings()
+    settings.ledger.path = ":memory:"
+    settings.manager.fallback_local = False
+    settings.manager.default_deadline_s = 10**7
+    manager = CloudGPUManager([fake], settings=settings, catalog=catalog)
+    t = np.arange(int(minutes * 60 * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
+    audio = Audio((0.3 * np.sin(2 * np.pi * 200 * t) * ((t % 4) < 3.2)).astype(np.float32))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    videos = await render_segments(manager, audio, workers=workers)
+    wall = loop.time() - t0
+    cost = sum(v.report.cost_usd for v in videos if v.report)
+    one_job_s = row.cold_start_s + rtf * audio.duration_s
+    one_usd = one_job_s * row.usd_per_second
+    cold_usd = row.cold_start_s * row.usd_per_second
+    return {"scenario": f"render {minutes:g} min, A100", "workers": workers, "pieces": len(videos),
+            "wall_s": round(wall, 1), "one_job_s": round(one_job_s, 1), "speedup": round(one_job_s / wall, 2),
+            "usd": round(cost, 4), "one_job_usd": round(one_usd, 4), "cost_ratio": round(cost / one_usd, 3),
+            "cost_vs_target": round(cost / (one_usd + (fake.workers_started - 1) * cold_usd), 3),
+            "workers_started": fake.workers_started, "first_audio_s": 0.0,
+            "first_audio_target_s": round(rtf * SEGMENT_S + row.cold_start_s, 1)}
+
+
 SCENARIOS = [
     {"name": "CSM on A100, caller's context", "engine": "csm", "hardware": "A100-80GB", "context": True},
     {"name": "CSM on A100, first-piece anchor", "engine": "csm", "hardware": "A100-80GB", "context": False},
@@ -119,6 +158,10 @@ def simulated(words: int, scale: float, as_json: bool) -> None:
             rows.append(run_virtual(coro) if not scale else asyncio.run(coro))
             if not as_json:
                 print(_fmt(rows[-1]), flush=True)
+    for n in WORKERS:
+        rows.append(run_virtual(render_row(n, 10.0)))
+        if not as_json:
+            print(_fmt(rows[-1]), flush=True)
     if as_json:
         print(json.dumps({"machine": MACHINE, "words": words, "scale": scale, "rows": rows}, indent=2))
 
@@ -143,9 +186,14 @@ kind = sys.argv[3]
 if kind == "local":
     m = CloudGPUManager(["local"], settings=s)
 else:
+    import numpy as np
+    from broker.media import Audio
     from broker.testing.fake import FakeProvider, fake_catalog
+    def fresh(request, behaviour):  # a new buffer per piece (the fake's tone cache would hide growth)
+        n = int(24000 * 0.36 * len(request.text.split()))
+        return Audio((0.2 * np.sin(np.arange(n, dtype=np.float32) * 0.05)).astype(np.float32))
     s.manager.fallback_local = False
-    f = FakeProvider("fake", max_concurrency=4)
+    f = FakeProvider("fake", max_concurrency=4, make=fresh, keep_jobs=False)
     m = CloudGPUManager([f], settings=s, catalog=fake_catalog(f))
 t0 = time.monotonic()
 r = m.speak_long(book_text(int(sys.argv[1])), output=Path(sys.argv[4]))

@@ -79,7 +79,8 @@ BOOK_SCRIPT = textwrap.dedent("""
     s = Settings()
     s.ledger.path = ledger
     s.manager.fallback_local = False
-    fake = FakeProvider("cloud", latency_s=float(sys.argv[4]), usd_per_second=0.01, max_concurrency=2)
+    fake = FakeProvider("cloud", latency_s=float(sys.argv[4]), usd_per_second=0.01, max_concurrency=2,
+                        keep_jobs=False)
     m = CloudGPUManager([fake], settings=s, catalog=fake_catalog(fake))
     sentences = [f"Line {i} of the book goes on for a while here." for i in range(words // 10)]
     text = "Chapter 1\\n\\n" + " ".join(sentences[: len(sentences) // 2]) + "\\n\\nChapter 2\\n\\n" + \\

@@ -63,6 +63,29 @@ class RenderResult:
 async def render_long(manager: Any, audio: Audio, *, fps: float = 25.0, size: int = 512, avatar: bytes | None = None,
                       speaker: int | str = 0, workers: int = 4, segment_s: float = SEGMENT_S) -> RenderResult:
     """Render ``audio`` of any length: segments in parallel (at most ``workers`` at once), joined in order."""
+    videos = await render_segments(manager, audio, fps=fps, size=size, avatar=avatar, speaker=speaker,
+                                   workers=workers, segment_s=segment_s)
+    data, frames = await asyncio.to_thread(join_segments, videos, audio, fps)
+    providers: dict[str, int] = {}
+    attempts = []
+    cost = 0.0
+    for i, v in enumerate(videos):
+        rep = v.report
+        if rep is None:
+            continue
+        cost += rep.cost_usd
+        if rep.provider:
+            providers[rep.provider] = providers.get(rep.provider, 0) + 1
+        attempts.append({"segment": i, "provider": rep.provider, "attempts": [a.outcome for a in rep.attempts]})
+    first = videos[0]
+    joined = Video(data, fps, frames, first.width, first.height, audio.duration_s)
+    return RenderResult(joined, len(videos), cost, providers, attempts)
+
+
+async def render_segments(manager: Any, audio: Audio, *, fps: float = 25.0, size: int = 512,
+                          avatar: bytes | None = None, speaker: int | str = 0, workers: int = 4,
+                          segment_s: float = SEGMENT_S) -> list[Video]:
+    """Each segment's video, in order (at most ``workers`` rendering at once)."""
     if workers < 1:
         raise InvalidRequest("workers", "must be at least 1")
     cuts = [*cut_points(audio.samples, audio.sample_rate, fps, segment_s), len(audio)]
@@ -84,27 +107,12 @@ async def render_long(manager: Any, audio: Audio, *, fps: float = 25.0, size: in
 
     tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)]
     try:
-        videos = await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     except BaseException:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    data, frames = await asyncio.to_thread(join_segments, videos, audio, fps)
-    providers: dict[str, int] = {}
-    attempts = []
-    cost = 0.0
-    for i, v in enumerate(videos):
-        rep = v.report
-        if rep is None:
-            continue
-        cost += rep.cost_usd
-        if rep.provider:
-            providers[rep.provider] = providers.get(rep.provider, 0) + 1
-        attempts.append({"segment": i, "provider": rep.provider, "attempts": [a.outcome for a in rep.attempts]})
-    first = videos[0]
-    joined = Video(data, fps, frames, first.width, first.height, audio.duration_s)
-    return RenderResult(joined, len(videos), cost, providers, attempts)
 
 
 def join_segments(videos: Sequence[Video], audio: Audio, fps: float) -> tuple[bytes, int]:
@@ -138,4 +146,4 @@ def join_segments(videos: Sequence[Video], audio: Audio, fps: float) -> tuple[by
         raise
 
 
-__all__ = ["RenderResult", "cut_points", "join_segments", "render_long"]
+__all__ = ["RenderResult", "cut_points", "join_segments", "render_long", "render_segments"]

@@ -60,6 +60,7 @@ class ManagedJob(Job):
         self._stream = stream
         self._tried: set[str] = set()
         self._runs: list[ProviderRun] = []
+        self._ran_on: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._inner: AsyncGenerator[AudioChunk, None] | None = None
         self._dropped: list[tuple[Candidate, str]] = []
@@ -69,7 +70,7 @@ class ManagedJob(Job):
     @property
     def providers_tried(self) -> list[str]:
         """The providers this job went to, in order (each at most once; retries stay inside one)."""
-        return [r.name for r in self._runs]
+        return [r.name for r in self._runs] or self._ran_on
 
     # -- bookkeeping used by ProviderRun ---------------------------------------------------------
     def remaining(self) -> float:
@@ -91,6 +92,16 @@ class ManagedJob(Job):
 
     # -- routing ---------------------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._run_routes()
+        finally:
+            # each ProviderRun points back at this job; dropping them once it has ended breaks the cycle,
+            # so the output is freed when the caller lets go of it, not at some late full GC (a book's
+            # pieces would otherwise pile up)
+            self._ran_on = [r.name for r in self._runs]
+            self._runs = []
+
+    async def _run_routes(self) -> None:
         try:
             out = await self._route()
         except BrokerError as exc:

@@ -226,6 +226,7 @@ class FakeProvider(Provider):
         max_concurrency: int | None = None,
         time_scale: float = 1.0,
         make: Callable[[Request, str], Audio | Video] | None = None,
+        keep_jobs: bool = True,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -235,6 +236,8 @@ class FakeProvider(Provider):
         self.time_scale = time_scale
         #: what a job returns, given its request and behaviour (default ``make_output``)
         self.make = make
+        #: keep every job (and its output) in ``jobs``; a memory test of a long book turns this off
+        self.keep_jobs = keep_jobs
         self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._idle_workers = 0
         #: workers started (each paid one cold start)
@@ -298,7 +301,8 @@ class FakeProvider(Provider):
         if behaviour == "invalid":
             raise InvalidRequest("text", f"{self.name} rejects this text")
         job = FakeJob(self, request, behaviour, stream)
-        self.jobs.append(job)
+        if self.keep_jobs:
+            self.jobs.append(job)
         return job
 
     async def health(self) -> HealthReport:
