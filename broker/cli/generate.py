@@ -82,9 +82,20 @@ def speak(
             return
         if split_chapters is not None or workers is not None or deadline is not None or max_usd is not None:
             raise InvalidRequest("file", "--split-chapters, --workers, --deadline and --max-usd need --file")
+        if len((text or "").split()) > LONG_TEXT_WORDS and max_length_ms is None:
+            # long text goes the long way: pieces side by side, journaled, memory flat in its length
+            from broker.cli.longform import speak_text_long
+
+            speak_text_long(_manager(provider), text or "", output=output or Path("out.wav"), as_json=as_json,
+                            speaker=_speaker(speaker), engine=engine)
+            return
         _speak_text(text or "", output or Path("out.wav"), speaker, provider, engine, max_length_ms, as_json)
 
     guarded(run)
+
+
+#: `broker speak TEXT` longer than this runs as a long job (the same path as --file)
+LONG_TEXT_WORDS = 300
 
 
 def _speak_text(text: str, output: Path, speaker: str, provider: str | None, engine: str | None,

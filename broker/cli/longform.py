@@ -37,9 +37,18 @@ def build_job(manager: Any, file: str, *, output: Path | None, split_dir: Path |
     return LongJob(manager, chapters, output=output, split_dir=split_dir, command=_command(), **options)
 
 
+def speak_text_long(manager: Any, text: str, *, output: Path, as_json: bool, **options: Any) -> None:
+    from broker.longform import LongJob, as_chapters
+
+    _run_job(LongJob(manager, as_chapters(text), output=output, command=_command(), **options), as_json)
+
+
 def speak_file(manager: Any, file: str, *, output: Path | None, split_dir: Path | None, as_json: bool,
                **options: Any) -> None:
-    job = build_job(manager, file, output=output, split_dir=split_dir, **options)
+    _run_job(build_job(manager, file, output=output, split_dir=split_dir, **options), as_json)
+
+
+def _run_job(job: Any, as_json: bool) -> None:
     try:
         result = _with_bar(job) if interactive() and not as_json else asyncio.run(job.run())
     finally:
