@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_long_render_joins_segments_with_exact_frames_and_continuous_timestamps(
     with av.open(io.BytesIO(data), "r") as c:
         pts = [f.pts for f in c.decode(video=0)]
     step = pts[1] - pts[0]
-    assert len(pts) == 1138 and all(b - a == step for a, b in zip(pts, pts[1:], strict=False))  # no jump at joins
+    assert len(pts) == 1138 and all(b - a == step for a, b in itertools.pairwise(pts))  # no jump at joins
     with av.open(io.BytesIO(data), "r") as c:
         got = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
     assert abs(len(got) / SAMPLE_RATE - 45.5) < 0.1
@@ -58,7 +59,8 @@ def test_long_render_joins_segments_with_exact_frames_and_continuous_timestamps(
 
 def test_quote_file_prints_worker_counts_and_the_mix(tmp_path: Path) -> None:
     book = tmp_path / "book.md"
-    book.write_text("# One\n\n" + "A sentence of some length goes here. " * 300 + "\n\n# Two\n\n" + "More words. " * 200)
+    one, two = "A sentence of some length goes here. " * 300, "More words. " * 200
+    book.write_text(f"# One\n\n{one}\n\n# Two\n\n{two}")
     r = run_cli("quote", "--file", str(book), "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)

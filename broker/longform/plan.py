@@ -71,6 +71,27 @@ def lane_from_quotes(name: str, limit: int, warm: Quote, cold: Quote, words: int
                 priced="unpriced" not in warm.breakdown, words=words)
 
 
+def lanes_for(manager: Any, sample: Any, engine: str, words: int) -> list[Lane]:
+    """One lane per endpoint the manager would use for ``sample`` (a piece of ``words`` words), in its order."""
+    from broker.errors import AllProvidersFailed
+
+    plan = manager.plan(sample)
+    if not plan.ordered:
+        why = "; ".join(f"{c.name}: {r}" for c, r in plan.dropped) or "no providers configured"
+        raise AllProvidersFailed(f"no provider can take this job ({why})")
+    lanes = []
+    for c in plan.ordered:
+        hw = c.provider.capabilities.hardware
+        limit = concurrency(c.provider, manager.settings)
+        if manager.catalog.price(c.name, hw) is not None:
+            warm, cold = (manager.catalog.quote(c.name, hw, sample, default_engine=engine, p_cold=p)
+                          for p in (0.0, 1.0))
+            lanes.append(lane_from_quotes(c.name, limit, warm, cold, words))
+        else:  # a provider that prices itself
+            lanes.append(lane_from_quotes(c.name, limit, c.quote, c.quote, words))
+    return lanes
+
+
 @dataclass
 class Forecast:
     workers: int
@@ -128,5 +149,5 @@ def workers_for_deadline(pieces: int, lanes: Sequence[Lane], deadline_s: float) 
     return lo, simulate(pieces, lanes, lo)
 
 
-__all__ = ["DEFAULT_CONCURRENCY", "Forecast", "Lane", "concurrency", "lane_from_quotes", "simulate",
+__all__ = ["DEFAULT_CONCURRENCY", "Forecast", "Lane", "concurrency", "lane_from_quotes", "lanes_for", "simulate",
            "workers_for_deadline"]

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, BudgetStopped, InvalidRequest, PieceFailed
+from broker.errors import BrokerError, BudgetExceeded, BudgetStopped, InvalidRequest, PieceFailed
 from broker.longform.chunk import MIN_WORDS, SECONDS_PER_WORD, TARGET_RUN_S, Piece, split_pieces, words_per_piece
 from broker.longform.journal import Journal, PieceRecord
-from broker.longform.plan import Lane, concurrency, lane_from_quotes, simulate, workers_for_deadline
+from broker.longform.plan import Lane, lanes_for, simulate, workers_for_deadline
+from broker.longform.schedule import Slots
 from broker.longform.stitch import pause, prepare
 from broker.longform.text import Chapter
 from broker.longform.writer import AudioWriter, chapter_file_name, check_output_path
@@ -39,8 +40,6 @@ from broker.types import Segment, SpeechRequest, build
 log = logging.getLogger("broker.longform")
 
 _SAMPLE_WORDS = 100
-#: pieces submitted beyond an endpoint's workers (they wait in its queue, never long: one piece's run)
-QUEUE_AHEAD = 1
 #: CSM stops at 90 s of audio; keep its pieces well inside that
 _ENGINE_MAX_WORDS = {"csm": 150}
 
@@ -102,11 +101,12 @@ class LongJob:
         self._fields = {"speaker": speaker, "engine": engine, "temperature": temperature, "topk": topk}
         # the request every piece shares, checked now: bad settings fail before anything runs
         sample = build(SpeechRequest, text="word " * _SAMPLE_WORDS, context=self.context, **self._fields)
-        lanes = self._lanes(sample, _SAMPLE_WORDS)
+        lanes = lanes_for(manager, sample, self.engine, _SAMPLE_WORDS)
         rtf = lanes[0].run_s / (_SAMPLE_WORDS * SECONDS_PER_WORD)
         max_words = min(words_per_piece(rtf, target_run_s), _ENGINE_MAX_WORDS.get(self.engine, 10**6))
         # quoted again for a piece of the size chosen, so cold starts and minimum bills weigh right
-        self.lanes = self._lanes(sample.model_copy(update={"text": "word " * max_words}), max_words)
+        self.lanes = lanes_for(manager, sample.model_copy(update={"text": "word " * max_words}), self.engine,
+                               max_words)
         ctx_key = hashlib.sha256(b"".join(s.audio.samples.tobytes() + s.text.encode() for s in self.context))
         key_settings = {**self._fields, "engine": self.engine, "context": ctx_key.hexdigest()}
         self.pieces: list[Piece] = split_pieces(self.chapters, max_words, key_settings,
@@ -122,23 +122,6 @@ class LongJob:
             self.workers, _ = workers_for_deadline(len(self.pieces), self.lanes, deadline_s)
         self._queue: asyncio.Queue[AudioChunk | None] | None = None
 
-    def _lanes(self, sample: SpeechRequest, words: int) -> list[Lane]:
-        m = self.manager
-        plan = m.plan(sample)
-        if not plan.ordered:
-            why = "; ".join(f"{c.name}: {r}" for c, r in plan.dropped) or "no providers configured"
-            raise AllProvidersFailed(f"no provider can take this job ({why})")
-        lanes = []
-        for c in plan.ordered:
-            hw = c.provider.capabilities.hardware
-            if m.catalog.price(c.name, hw) is not None:
-                q = [m.catalog.quote(c.name, hw, sample, default_engine=self.engine, p_cold=p) for p in (0.0, 1.0)]
-                lane = lane_from_quotes(c.name, concurrency(c.provider, m.settings), q[0], q[1], words)
-            else:
-                lane = lane_from_quotes(c.name, concurrency(c.provider, m.settings), c.quote, c.quote, words)
-            lanes.append(lane)
-        return lanes
-
     def forecast(self, workers: int) -> Any:
         return simulate(len(self.pieces), self.lanes, workers)
 
@@ -147,23 +130,15 @@ class LongJob:
         t0 = asyncio.get_running_loop().time()
         j = self.journal
         self._records: dict[int, PieceRecord] = {}
-        self._allot, left = {}, self.workers
-        for lane in self.lanes:  # the workers cap, given to the cheapest endpoints first
-            self._allot[lane.name] = min(lane.limit, left)
-            left -= self._allot[lane.name]
+        self.slots = Slots(self.lanes, self.workers, self.max_usd)
         known = await asyncio.to_thread(j.done, [p.key for p in self.pieces])
         for p in self.pieces:
             if p.key in known:
                 self._records[p.index] = known[p.key]
         self._reused = len(self._records)
         self._events = {p.index: asyncio.Event() for p in self.pieces if p.index not in self._records}
-        self._slot_free = asyncio.Condition()
-        self._spent = self._in_flight_usd = self._spent_done = 0.0
-        self._words_done = 0
-        self._reserved: dict[int, float] = {}
         self._ran: dict[int, dict[str, Any]] = {}
         self._twins: dict[str, list[int]] = {}
-        self._stop: BrokerError | None = None
         self._dispatch_done = asyncio.Event()
         self._first_audio: float | None = None
         self._audio_s = 0.0
@@ -189,7 +164,7 @@ class LongJob:
         return LongResult(
             output=str(self.output) if self.output else (str(self.split_dir) if self.split_dir else None),
             pieces=len(self.pieces), pieces_run=len(self._ran), pieces_reused=self._reused,
-            chapters=len(self.chapters), audio_seconds=self._audio_s, cost_usd=self._spent, providers=providers,
+            chapters=len(self.chapters), audio_seconds=self._audio_s, cost_usd=self.slots.spent, providers=providers,
             attempts=[{"piece": i, **self._ran[i]} for i in sorted(self._ran)],
             wall_seconds=asyncio.get_running_loop().time() - t0,
             first_audio_s=self._first_audio, workers=self.workers, job=self.key, files=files)
@@ -233,7 +208,7 @@ class LongJob:
             anchor = self.engine == "csm" and not self.context
             tasks: set[asyncio.Task[None]] = set()
             for n, piece in enumerate(missing):
-                lane = await self._take_slot(piece)
+                lane = await self.slots.take(piece)
                 if lane is None:
                     break
                 t = asyncio.create_task(self._run_piece(piece, lane))
@@ -246,42 +221,6 @@ class LongJob:
             self._dispatch_done.set()
             for ev in self._events.values():
                 ev.set()  # wake the stitcher: it sees which pieces never came
-
-    async def _take_slot(self, piece: Piece) -> Lane | None:
-        async with self._slot_free:
-            while True:
-                if self._stop is not None:
-                    return None
-                busy = sum(lane.in_flight for lane in self.lanes)
-                lane = next((x for x in self.lanes if x.in_flight < self._allot[x.name]), None)
-                if lane is None:
-                    # one piece waits in the provider's own queue per full endpoint, so a worker that
-                    # finishes starts the next piece at once instead of after our round trip (only where
-                    # all its workers are ours: below its limit, an extra job would start another worker)
-                    lane = next((x for x in self.lanes if self._allot[x.name] >= x.limit
-                                 and x.in_flight < x.limit + QUEUE_AHEAD), None)
-                est = self._estimate(lane, piece) if lane is not None else 0.0
-                over = (lane is not None and self.max_usd is not None
-                        and self._spent + self._in_flight_usd + est > self.max_usd + 1e-12)
-                if over:
-                    if busy:
-                        await self._slot_free.wait()  # what is in flight may settle below its quote
-                        continue
-                    self._stop = BudgetStopped(
-                        f"the job's cap of ${self.max_usd:g} is reached (${self._spent:.4f} spent this run)",
-                        spent_usd=self._spent)
-                    return None
-                if lane is not None:
-                    lane.in_flight += 1
-                    self._in_flight_usd += est
-                    self._reserved[piece.index] = est
-                    return lane
-                await self._slot_free.wait()
-
-    def _estimate(self, lane: Lane, piece: Piece) -> float:
-        """What ``piece`` will cost on ``lane``: the quote, or what pieces have really cost per word if more."""
-        observed = self._spent_done / self._words_done * piece.words if self._words_done else 0.0
-        return max(lane.piece_usd(piece.words), observed)
 
     def _context_for(self, piece: Piece) -> list[Segment]:
         if self.context or self.engine != "csm" or piece.index == 0:
@@ -302,24 +241,17 @@ class LongJob:
             nonlocal held
             if held:
                 held = False
-                lane.in_flight -= 1
-                self._in_flight_usd -= self._reserved.pop(piece.index, 0.0)
-                async with self._slot_free:
-                    self._slot_free.notify_all()
+                await self.slots.release(lane, piece)
 
         try:
             request = build(SpeechRequest, text=piece.text, context=self._context_for(piece), **self._fields)
-            avoid = [x.name for x in self.lanes if x.in_flight >= self._allot[x.name] and x is not lane]
-            mine = self._reserved.get(piece.index, 0.0)
-            cap = None if self.max_usd is None else max(mine, self.max_usd - self._spent - self._in_flight_usd + mine)
-            job = await self.manager.submit(request, prefer=[lane.name], avoid=avoid, max_usd=cap)
+            job = await self.manager.submit(request, prefer=[lane.name], avoid=self.slots.saturated(lane),
+                                            max_usd=self.slots.cap_for(piece))
             await asyncio.to_thread(self.journal.mark_running, piece.key, job.id)
             out = await job.result()
             report = out.report
             cost = report.cost_usd if report else 0.0
-            self._spent += cost
-            self._spent_done += cost
-            self._words_done += piece.words
+            self.slots.paid(cost, piece)
             await release()
             if self._head in self._twins.get(piece.key, [piece.index]):
                 self._handoff[self._head] = out.samples  # the stitcher is waiting for it: no disk round trip
@@ -338,20 +270,20 @@ class LongJob:
         except BrokerError as exc:
             report = getattr(job, "report", None)
             if report is not None:
-                self._spent += report.cost_usd
+                self.slots.paid(report.cost_usd)
             await asyncio.to_thread(self.journal.mark_failed, piece.key, f"{type(exc).__name__}: {exc.message}")
-            if self._stop is None:
+            if self.slots.stop is None:
                 if isinstance(exc, BudgetExceeded):
-                    self._stop = BudgetStopped(f"the budget stopped piece {piece.index}: {exc.message}",
-                                               spent_usd=self._spent)
+                    self.slots.stop = BudgetStopped(f"the budget stopped piece {piece.index}: {exc.message}",
+                                               spent_usd=self.slots.spent)
                 else:
-                    self._stop = PieceFailed(
+                    self.slots.stop = PieceFailed(
                         f"piece {piece.index} (chapter {piece.chapter + 1}, \"{_clip(piece.text)}\") failed: "
                         f"{exc.message}", getattr(exc, "attempts", ()), piece=piece.index)
         except Exception as exc:  # a bug must still stop the job with a typed error, and say what it was
             log.exception("piece %d: internal error", piece.index)
-            if self._stop is None:
-                self._stop = PieceFailed(f"piece {piece.index}: internal error: {type(exc).__name__}: {exc}",
+            if self.slots.stop is None:
+                self.slots.stop = PieceFailed(f"piece {piece.index}: internal error: {type(exc).__name__}: {exc}",
                                          piece=piece.index)
         finally:
             if job is not None and not job.state.terminal:
@@ -394,7 +326,7 @@ class LongJob:
             for piece in self.pieces:
                 made = await self._next(piece)
                 if made is None:
-                    raise self._stop or PieceFailed(f"piece {piece.index} was not made", piece=piece.index)
+                    raise self.slots.stop or PieceFailed(f"piece {piece.index} was not made", piece=piece.index)
                 samples = prepare(made, SAMPLE_RATE)
                 last = piece.index == len(self.pieces) - 1
                 gap = pause(SAMPLE_RATE, piece.chapter_end) if not last else np.zeros(0, np.float32)
@@ -451,7 +383,7 @@ class LongJob:
         run_now = done - self._reused
         left = len(self.pieces) - done
         eta = elapsed / run_now * left if run_now else None
-        self.on_progress(Progress(done, len(self.pieces), self._audio_s, self._spent, eta))
+        self.on_progress(Progress(done, len(self.pieces), self._audio_s, self.slots.spent, eta))
 
     def close(self) -> None:
         if self._own_journal:
