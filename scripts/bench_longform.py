@@ -209,7 +209,10 @@ def rss(sizes: list[tuple[int, str]], as_json: bool) -> None:
     for words, kind in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             out = subprocess.run([sys.executable, "-c", script, str(words), f"{tmp}/l.sqlite", kind, f"{tmp}/b.wav"],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{words} words {kind}: failed\n{out.stderr[-2000:]}", file=sys.stderr, flush=True)
+                continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             if not as_json:
                 r = rows[-1]
