@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from broker.cli.common import atomic_output, err, fail, guarded, interactive, out, print_json
 from broker.errors import InvalidRequest
@@ -33,7 +34,8 @@ def _speaker(value: str) -> int | str:
 def _result_json(output: Audio | Video, path: Path, elapsed: float) -> dict[str, Any]:
     report = output.report
     data: dict[str, Any] = {
-        "output": str(path),
+        "ok": True,
+        "output": str(path.expanduser().resolve()),
         "provider": report.provider if report else None,
         "attempts": [a.model_dump() for a in report.attempts] if report else [],
         "cost_usd": round(report.cost_usd, 8) if report else 0.0,
@@ -70,6 +72,8 @@ def speak(
 ) -> None:
     """Synthesise TEXT (or a whole --file) to an audio file, written as it is made."""
 
+    path = output or Path("out.wav")
+
     def run() -> None:
         if (text is None) == (file is None):
             raise InvalidRequest("text", "give TEXT or --file PATH (not both)")
@@ -86,19 +90,19 @@ def speak(
             # long text goes the long way: pieces side by side, journaled, memory flat in its length
             from broker.cli.longform import speak_text_long
 
-            speak_text_long(_manager(provider), text or "", output=output or Path("out.wav"), as_json=as_json,
+            speak_text_long(_manager(provider), text or "", output=path, as_json=as_json,
                             speaker=_speaker(speaker), engine=engine)
             return
-        _speak_text(text or "", output or Path("out.wav"), speaker, provider, engine, max_length_ms, as_json)
+        _speak_text(text or "", path, output is None, speaker, provider, engine, max_length_ms, as_json)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 #: `broker speak TEXT` longer than this runs as a long job (the same path as --file)
 LONG_TEXT_WORDS = 300
 
 
-def _speak_text(text: str, output: Path, speaker: str, provider: str | None, engine: str | None,
+def _speak_text(text: str, output: Path, defaulted: bool, speaker: str, provider: str | None, engine: str | None,
                 max_length_ms: float | None, as_json: bool) -> None:
     """Short text: streamed to the file sentence by sentence through the long-work writer (flat memory)."""
     from broker._sync import iterate_sync
@@ -137,13 +141,15 @@ def _speak_text(text: str, output: Path, speaker: str, provider: str | None, eng
         })
     else:
         out.print(
-            f"wrote [bold]{output}[/] · {seconds:.2f} s of audio · "
-            f"{report.provider if report else '?'} · ${report.cost_usd if report else 0:.5f} · {elapsed:.2f} s"
+            f"wrote {_where(output, defaulted)} · {seconds:.2f} s of audio · "
+            f"{escape(report.provider or '?') if report else '?'} · ${report.cost_usd if report else 0:.5f} · "
+            f"{elapsed:.2f} s", highlight=False, soft_wrap=True,
         )
 
 
 def render(
-    output: Annotated[Path, typer.Option("-o", "--output", help="MP4 file to write.")] = Path("out.mp4"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="MP4 file to write "
+                                                "(default: out.mp4 here).")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Speak this text (Piper) and render it.")] = None,
     audio: Annotated[Path | None, typer.Option("--audio", help="Render this WAV/FLAC file.")] = None,
     avatar: Annotated[Path | None, typer.Option("--avatar", help="Portrait image (default: packaged).")] = None,
@@ -159,18 +165,19 @@ def render(
 ) -> None:
     """Render a talking-head MP4 from --text, --audio or --file (long audio is cut at pauses and
     rendered in parallel segments)."""
+    path = output or Path("out.mp4")
 
     def run() -> None:
         if sum(x is not None for x in (text, audio, file)) != 1:
             raise InvalidRequest("input", "give exactly one of --text, --audio or --file")
-        if output.suffix.lower() != ".mp4":
+        if path.suffix.lower() != ".mp4":
             raise InvalidRequest("output", "must end in .mp4")
         avatar_bytes = _read_avatar(avatar)
         long_audio = _long_audio(audio, file, speaker, provider)
         if long_audio is not None:
             from broker.cli.longform import render_file
 
-            render_file(_manager(provider), long_audio, output, fps=fps, size=size, avatar=avatar_bytes,
+            render_file(_manager(provider), long_audio, path, fps=fps, size=size, avatar=avatar_bytes,
                         speaker=_speaker(speaker), workers=workers, as_json=as_json)
             return
         fields: dict[str, Any] = {"fps": fps, "size": size, "speaker": _speaker(speaker)}
@@ -186,7 +193,7 @@ def render(
         request = build(RenderRequest, **fields)
         started = time.perf_counter()
         manager = _manager(provider)
-        with atomic_output(output) as tmp:
+        with atomic_output(path) as tmp:
             if interactive() and not as_json:
                 with err.status("rendering…"):
                     video = manager.run_request(request)
@@ -196,15 +203,23 @@ def render(
             video.save(tmp)
         elapsed = time.perf_counter() - started
         if as_json:
-            print_json(_result_json(video, output, elapsed))
+            print_json(_result_json(video, path, elapsed))
         else:
             report = video.report
             out.print(
-                f"wrote [bold]{output}[/] · {video.frames} frames @ {video.fps:g} fps "
-                f"({video.audio_seconds:.2f} s) · {report.provider if report else '?'} · {elapsed:.2f} s"
+                f"wrote {_where(path, output is None)} · {video.frames} frames @ {video.fps:g} fps "
+                f"({video.audio_seconds:.2f} s) · {escape(report.provider or '?') if report else '?'} · "
+                f"{elapsed:.2f} s",
+                highlight=False, soft_wrap=True,
             )
 
-    guarded(run)
+    guarded(run, as_json=as_json)
+
+
+def _where(path: Path, defaulted: bool) -> str:
+    """The file written as a full path (rich markup, the path escaped); says so when -o was not given."""
+    full = f"[bold]{escape(str(path.expanduser().resolve()))}[/]"
+    return f"{full} (no -o given)" if defaulted else full
 
 
 def _read_avatar(avatar: Path | None) -> bytes | None:
