@@ -9,19 +9,77 @@ and are ``SecretStr``: they never print in reprs, logs or errors.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError
 
+from broker.errors import ConfigurationError
 from broker.types import Limits
+
+#: an endpoint or provider name: what `manager.providers`, `--provider` and the ledger use
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: the kinds with a one-per-kind section of their own ([runpod], [modal], ...): each is also an endpoint
+SECTION_KINDS = ("runpod", "modal", "replicate", "http")
+
+
+def name_list(value: Any) -> Any:
+    """A list of names from TOML/JSON (``["runpod", "local"]``) or the comma form (``runpod,local``)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is neither a JSON list nor comma-separated names") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{text!r} must be a list of names")
+        return value
+    names = [part.strip() for part in text.split(",")]
+    if text and any(not n for n in names):
+        raise ValueError(f"{text!r} has an empty name (write names separated by commas: runpod,local)")
+    return [n for n in names if n]
+
+
+def _check_names(names: list[str] | None) -> list[str] | None:
+    for n in names or ():
+        if not NAME_PATTERN.match(n):
+            raise ValueError(f"{n!r} is not an endpoint name (letters, digits, '-', '_', '.')")
+    return names
+
+
+#: a list that also reads the comma form from the environment (`BROKER_MANAGER__PROVIDERS=runpod,local`)
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(name_list)]
+OptionalCommaList = Annotated[list[str] | None, NoDecode, BeforeValidator(name_list)]
+
+
+def section_label(name: str, kind: str) -> tuple[str, str]:
+    """Where an endpoint's keys live, for messages: ("[runpod]", "BROKER_RUNPOD__") or the named form."""
+    if name == kind and kind in SECTION_KINDS:
+        return f"[{kind}]", f"BROKER_{kind.upper()}__"
+    return f"[endpoints.{name}]", f"BROKER_ENDPOINTS__{name.upper().replace('-', '_')}__"
 
 
 def config_path() -> Path:
@@ -40,6 +98,23 @@ class LocalSettings(BaseModel):
     device: str = "auto"
     #: jobs that may run at once on this machine's device
     concurrency: int = 1
+    #: what this machine costs per hour: the price local competes at when manager.local = "ranked"
+    usd_per_hour: float = Field(default=0.0, ge=0)
+
+
+class EndpointOptions(BaseModel):
+    """Keys every endpoint has, whatever its kind: what it can run, how much at once, where."""
+
+    #: the provider kind of an [endpoints.NAME] table (the one-per-kind sections leave it unset)
+    kind: str | None = None
+    #: engines the endpoint's image carries; None = every engine a broker worker has
+    engines: OptionalCommaList = None
+    #: tasks it takes ("speech", "render"); None = both
+    tasks: OptionalCommaList = None
+    #: jobs it may run at once; None = what the kind's own scaling keys say (workers_max, max_containers, ...)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    #: a label shown by `broker providers` (e.g. "eu-west"); routing does not read it
+    region: str | None = None
 
 
 class EngineSettings(BaseModel):
@@ -53,7 +128,7 @@ class EngineSettings(BaseModel):
     csm_path: str | None = None
 
 
-class RunPodSettings(BaseModel):
+class RunPodSettings(EndpointOptions):
     """A RunPod serverless (queue) endpoint running ``handlers/runpod/handler.py``."""
 
     endpoint_id: str | None = None
@@ -62,9 +137,10 @@ class RunPodSettings(BaseModel):
     base_url: str = "https://api.runpod.ai/v2"
     #: RunPod's management REST API (templates, endpoints) used by `broker deploy runpod`
     rest_url: str = "https://rest.runpod.io/v1"
+    #: the price row: a GPU ("A100-80GB", "L4", ...) or "cpu" for a CPU endpoint
     hardware: str = "A100-80GB"
     #: engines the deployed image carries
-    engines: list[str] = Field(default_factory=lambda: ["piper"])
+    engines: OptionalCommaList = Field(default_factory=lambda: ["piper"])
     #: a job still IN_QUEUE after this long is cancelled and the endpoint reported unavailable
     queue_timeout_s: float = 60.0
     #: sent as policy.executionTimeout; RunPod stops the job (TIMED_OUT) past it (must be > 5 s)
@@ -80,8 +156,14 @@ class RunPodSettings(BaseModel):
     endpoint_name: str = "broker"
     #: a pushed image ("registry/user/broker-runpod:tag"); built and pushed by deploy when docker runs
     image: str | None = None
+    #: "GPU" or "CPU" (RunPod serverless CPU workers: computeType CPU, cpuFlavorIds, vcpuCount)
+    compute_type: Literal["GPU", "CPU"] = "GPU"
     #: RunPod gpuTypeIds (or a hardware shorthand such as "A100-80GB") in order of preference
-    gpu_types: list[str] = Field(default_factory=lambda: ["A100-80GB"])
+    gpu_types: CommaList = Field(default_factory=lambda: ["A100-80GB"])
+    #: CPU endpoints: RunPod cpuFlavorIds in order of preference (cpu3c, cpu3g, cpu5c, cpu5g)
+    cpu_flavors: CommaList = Field(default_factory=lambda: ["cpu3c", "cpu5c"])
+    #: CPU endpoints: vCPUs per worker
+    vcpu_count: int = Field(default=2, ge=1)
     workers_min: int = 0
     workers_max: int = 3
     idle_timeout_s: int = 5
@@ -90,7 +172,7 @@ class RunPodSettings(BaseModel):
     handler_mode: str = "stream"
 
 
-class ModalSettings(BaseModel):
+class ModalSettings(EndpointOptions):
     """A Modal app deployed from handlers/modal/app.py (provider name: modal).
 
     The same fields drive `broker deploy modal` and the app itself: the app module reads
@@ -128,7 +210,7 @@ class ModalSettings(BaseModel):
     request_timeout_s: float = 900.0
 
 
-class ReplicateSettings(BaseModel):
+class ReplicateSettings(EndpointOptions):
     #: where predictions go, first set wins: a deployment ("owner/name"), a version id, a model ("owner/name")
     deployment: str | None = None
     model: str | None = None
@@ -152,7 +234,7 @@ class ReplicateSettings(BaseModel):
     max_instances: int = 1
 
 
-class HTTPWorkerSettings(BaseModel):
+class HTTPWorkerSettings(EndpointOptions):
     """A self-hosted `broker worker serve` (provider name: http)."""
 
     url: str | None = None
@@ -165,10 +247,17 @@ class HTTPWorkerSettings(BaseModel):
     request_timeout_s: float = 900.0
 
 
+LocalMode = Literal["fallback", "ranked", "off"]
+
+
 class ManagerSettings(BaseModel):
-    #: providers to route across, in preference order when quotes tie
-    providers: list[str] = Field(default_factory=lambda: ["local"])
-    #: end the chain at the local provider when every cloud provider fails (it is never ranked by price)
+    #: endpoints to route across (names, or kinds meaning every endpoint of that kind), in preference
+    #: order when quotes tie; None = every endpoint that is configured (credentials + its id/app/url)
+    providers: OptionalCommaList = None
+    #: local's place: "fallback" = the last resort when every cloud endpoint fails (never ranked by price);
+    #: "ranked" = competes like any endpoint at local.usd_per_hour; "off" = never used
+    local: LocalMode = "fallback"
+    #: deprecated (use local): false = local is not the last resort (ranked if listed in providers, else off)
     fallback_local: bool = True
     #: "cheapest" | "fastest" | "deadline" (code can pass any policy object or callable)
     policy: str = "cheapest"
@@ -211,6 +300,77 @@ class ManagerSettings(BaseModel):
     #: performance profiles merged over the packaged ones (same columns as broker/data/profiles.csv)
     profiles_path: str | None = None
 
+    @field_validator("providers", mode="after")
+    @classmethod
+    def _provider_names(cls, value: list[str] | None) -> list[str] | None:
+        return _check_names(value)
+
+    def local_mode(self, listed: bool | None = None) -> LocalMode:
+        """Local's place, honouring the deprecated ``fallback_local`` when ``local`` was not set.
+
+        ``listed``: whether the endpoints routed name local (default: whether ``providers`` does).
+        """
+        if "local" in self.model_fields_set or self.fallback_local:
+            return self.local
+        if listed is None:
+            listed = self.providers is not None and "local" in self.providers
+        return "ranked" if listed else "off"  # the old meaning: local competes if listed, else is not used
+
+
+class PluginEndpointSettings(EndpointOptions):
+    """An endpoint of a plugin kind (``broker.providers`` entry point): its keys go to the plugin as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    hardware: str = "cpu"
+
+
+#: the settings model of each built-in kind; [endpoints.NAME] tables are validated with their kind's model
+KIND_SETTINGS: dict[str, type[EndpointOptions]] = {}
+
+
+def _endpoint_tables(raw: Any) -> dict[str, EndpointOptions]:
+    """[endpoints.NAME] tables (TOML or BROKER_ENDPOINTS__NAME__KEY) → each kind's settings model.
+
+    Environment names are upper case with underscores; ``BROKER_ENDPOINTS__RP_CPU__ENDPOINT_ID`` sets
+    ``[endpoints.rp-cpu]`` when the file names it so (the environment's value wins, as everywhere).
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("endpoints must be a table of [endpoints.NAME] tables")
+    merged: dict[str, dict[str, Any]] = {}
+    spelled: dict[str, str] = {}
+    # The env spelling (rp_cpu) sorts after the file's (rp-cpu) here, so its values are applied last.
+    for name in sorted(raw, key=lambda n: "_" in n):
+        table = raw[name]
+        if isinstance(table, EndpointOptions):
+            merged[name], spelled[name] = {"__model__": table}, name
+            continue
+        if not isinstance(table, dict):
+            raise ValueError(f"[endpoints.{name}] must be a table of keys")
+        key = name.lower().replace("_", "-")
+        shown = spelled.setdefault(key, name)
+        merged.setdefault(shown, {}).update(table)
+    out: dict[str, EndpointOptions] = {}
+    for name, table in merged.items():
+        if not NAME_PATTERN.match(name) or name in ("local", "manager"):
+            raise ValueError(f"{name!r} cannot name an endpoint (letters, digits, '-', '_', '.'; not local)")
+        if "__model__" in table:
+            out[name] = table["__model__"]
+            continue
+        table = dict(table)
+        kind = str(table.pop("kind", "") or (name if name in SECTION_KINDS else "")).strip().lower()
+        if not kind:
+            raise ValueError(f"[endpoints.{name}] needs kind = \"runpod\" | \"modal\" | \"replicate\" | \"http\" "
+                             "| a plugin kind")
+        model = KIND_SETTINGS.get(kind, PluginEndpointSettings)
+        try:
+            cfg = model(**table)
+        except ValidationError as exc:
+            raise ValueError(f"[endpoints.{name}] " + _errors_line(exc)) from None
+        cfg.kind = kind
+        out[name] = cfg
+    return out
+
 
 class LedgerSettings(BaseModel):
     path: str = "~/.local/share/broker/ledger.sqlite"
@@ -239,6 +399,9 @@ class Settings(BaseSettings):
     http: HTTPWorkerSettings = Field(default_factory=HTTPWorkerSettings)
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    #: named endpoints, [endpoints.NAME] with kind = "runpod" | "modal" | "replicate" | "http" | a plugin kind
+    endpoints: Annotated[dict[str, SerializeAsAny[EndpointOptions]], BeforeValidator(_endpoint_tables)] = Field(
+        default_factory=dict)
     #: price overrides: a CSV with the catalog's columns, merged over the packaged one
     prices_path: str | None = None
 
@@ -257,19 +420,68 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    def __init__(self, **values: Any) -> None:
+        # A bad value anywhere (file, environment, code) is one line naming the key, never a traceback.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid configuration ({_origin()}): {_errors_line(exc)}") from None
+        except SettingsError as exc:
+            cause = exc.__cause__
+            detail = f"{exc}" + (f": {cause}" if cause is not None else "")
+            raise ConfigurationError(f"invalid configuration ({_origin()}): {detail}") from None
+
     @model_validator(mode="after")
     def _provider_env_secrets(self) -> Settings:
         """Fill credentials from each provider's own variable when the config left them out."""
-        for (section, attr), var in _ENV_SECRETS.items():
+        for (kind, attr), var in _ENV_SECRETS.items():
             value = os.environ.get(var)
-            target = getattr(self, section)
-            if value and getattr(target, attr) is None:
-                setattr(target, attr, SecretStr(value))
+            if not value:
+                continue
+            targets = [getattr(self, kind)] + [e for e in self.endpoints.values() if e.kind == kind]
+            for target in targets:
+                if getattr(target, attr) is None:
+                    setattr(target, attr, SecretStr(value))
         return self
+
+    def endpoint_configs(self) -> dict[str, tuple[str, EndpointOptions]]:
+        """Every endpoint the configuration describes: name → (kind, its settings), named ones first.
+
+        The one-per-kind sections ([runpod], [modal], [replicate], [http]) are endpoints named after
+        their kind, unless an [endpoints.NAME] table takes that name.
+        """
+        found: dict[str, tuple[str, EndpointOptions]] = {
+            name: (cfg.kind or name, cfg) for name, cfg in self.endpoints.items()
+        }
+        for kind in SECTION_KINDS:
+            found.setdefault(kind, (kind, getattr(self, kind)))
+        return found
 
     def redacted(self) -> dict[str, Any]:
         """A dict safe to print: secrets appear as '**********' or null."""
         return self.model_dump(mode="json")
+
+
+KIND_SETTINGS.update(runpod=RunPodSettings, modal=ModalSettings, replicate=ReplicateSettings,
+                     http=HTTPWorkerSettings)
+
+
+def _errors_line(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: ``manager.providers: '[runpod' is neither ...; local.concurrency: ...``."""
+    parts = []
+    for e in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        shown = e.get("input")
+        if e["type"] not in ("value_error", "missing") and isinstance(shown, str | int | float):
+            msg += f" (got {shown!r})"
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts).replace("\n", " ")
+
+
+def _origin() -> str:
+    path = config_path()
+    return f"{path} or BROKER_* variables" if path.is_file() else "BROKER_* variables"
 
 
 def load(**overrides: Any) -> Settings:

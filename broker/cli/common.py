@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from broker.errors import AllProvidersFailed, BrokerError, ConfigurationError, InvalidRequest, ProviderNotInstalled
 
@@ -26,7 +27,7 @@ EXIT_FAILED = 1
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

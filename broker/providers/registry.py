@@ -1,4 +1,4 @@
-"""Provider name → lazy import path + install hint.
+"""Provider kind → lazy import path + install hint.
 
 Nothing here imports a provider module until it is asked for, so ``import broker``
 stays free of SDKs. A missing optional dependency becomes ``ProviderNotInstalled``
@@ -88,11 +88,20 @@ def provider_class(name: str) -> type[Provider]:
 
 
 def create(name: str, settings: Settings | None = None, **overrides: Any) -> Provider:
-    """Build a provider from settings (``Settings()`` when not given)."""
+    """Build the provider of endpoint (or kind) ``name`` from settings (``Settings()`` when not given)."""
+    from broker.providers.endpoints import create as create_endpoint
+    from broker.providers.endpoints import match, specs
     from broker.settings import Settings
 
+    settings = settings or Settings()
+    if name != "local":
+        table = specs(settings)
+        found = match(name, table)
+        if found:
+            kind, config = table[found[0]]
+            return create_endpoint(found[0], kind, config, settings, **overrides)
     cls = provider_class(name)
     factory = getattr(cls, "from_settings", None)
     if factory is None:
         return cls(**overrides)
-    return factory(settings or Settings(), **overrides)  # type: ignore[no-any-return]
+    return factory(settings, **overrides)  # type: ignore[no-any-return]

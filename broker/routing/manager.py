@@ -23,8 +23,8 @@ from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFa
 from broker.media import Audio, AudioChunk, Video
 from broker.money.budget import Accountant, Budget
 from broker.money.ledger import Ledger
-from broker.money.pricing import WARM_P_COLD, Catalog
-from broker.providers import registry
+from broker.money.pricing import WARM_P_COLD, Catalog, PriceRow
+from broker.providers import endpoints
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.routing.attempt import ProviderRun
 from broker.routing.health import BreakerConfig, HealthBoard
@@ -309,33 +309,15 @@ class CloudGPUManager(Provider):
     ) -> None:
         self.settings = settings or Settings()
         ms = self.settings.manager
-        names_or_providers = list(providers) if providers is not None else list(ms.providers)
-        self.providers: list[Provider] = []
-        self.skipped: dict[str, str] = {}
-        for p in names_or_providers:
-            if isinstance(p, Provider):
-                self.providers.append(p)
-                continue
-            if p == "local" and not self.settings.local.enabled:
-                self.skipped[p] = "disabled (local.enabled = false)"
-                continue
-            try:
-                self.providers.append(registry.create(p, self.settings))
-            except BrokerError as exc:
-                # A provider that is not installed or not configured is skipped, and says why.
-                self.skipped[p] = exc.message
-        self.fallback: Provider | None = None
-        if ms.fallback_local and self.settings.local.enabled:
-            local = next((p for p in self.providers if p.name == "local"), None)
-            if local is None and "local" not in self.skipped:
-                try:
-                    local = registry.create("local", self.settings)
-                except BrokerError as exc:
-                    self.skipped["local"] = exc.message
-            if local is not None:
-                # The last resort is never ranked by price (free local would always win "cheapest").
-                self.providers = [p for p in self.providers if p is not local]
-                self.fallback = local
+        # Which endpoints, and local's place: manager.providers (or every configured one) and manager.local.
+        routing = endpoints.resolve(self.settings, providers)
+        self.providers: list[Provider] = routing.ranked
+        self.fallback: Provider | None = routing.fallback
+        #: every endpoint and local, routed or not, with the reason (`broker providers`, `broker quote`)
+        self.endpoints: list[endpoints.EndpointStatus] = routing.rows
+        #: endpoint name → why it is not routed
+        self.skipped: dict[str, str] = routing.skipped
+        self.local_mode = ms.local_mode()
         everyone = self.all_providers
         self.capabilities = Capabilities(
             tasks=frozenset().union(*(p.capabilities.tasks for p in everyone)) if everyone else frozenset(),
@@ -344,7 +326,8 @@ class CloudGPUManager(Provider):
             hardware="mixed",
         )
         self.policy = as_policy(policy if policy is not None else ms.policy)
-        self.catalog = catalog or Catalog.from_settings(self.settings)
+        self.catalog = _with_local_price(catalog or Catalog.from_settings(self.settings), self.all_providers,
+                                         self.settings.local.usd_per_hour)
         self.ledger = ledger or Ledger(self.settings.ledger.path)
         self.budget = Budget(ms.max_usd_per_job, ms.daily_budget_usd, ms.monthly_budget_usd, ms.reserve_factor)
         self.accountant = Accountant(self.ledger, self.budget)
@@ -367,15 +350,17 @@ class CloudGPUManager(Provider):
                 return provider.quote(request)  # type: ignore[no-any-return]  # the provider prices itself
             except Exception as exc:  # a broken quote must not stop routing: fall back to the catalog
                 log.warning("%s: quote failed (%s); using the catalog", provider.name, exc)
+        # Prices key on the kind (and hardware); what health has seen keys on the endpoint's name.
         hw = provider.capabilities.hardware
-        row = self.catalog.price(provider.name, hw)
+        row = self.catalog.price(provider.kind, hw)
         h = self.health_board[provider.name]
         now = time.monotonic()
         p_cold = None
         if row is not None and row.scales_to_zero:
             p_cold = self.health_board.p_cold(provider.name, row.idle_s, now, WARM_P_COLD)
-        return self.catalog.quote(provider.name, hw, request, default_engine=self.settings.engines.default,
-                                  p_cold=p_cold, queue_s=h.queue.value or 0.0)
+        q = self.catalog.quote(provider.kind, hw, request, default_engine=self.settings.engines.default,
+                               p_cold=p_cold, queue_s=h.queue.value or 0.0)
+        return q.model_copy(update={"provider": provider.name})
 
     def plan(self, request: Request, *, exclude: set[str] | frozenset[str] = frozenset(),
              deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None) -> Ranking:
@@ -547,6 +532,20 @@ async def _probe(p: Provider) -> HealthReport:
             return await p.health()
     except Exception as exc:
         return HealthReport(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _with_local_price(catalog: Catalog, providers: list[Provider], usd_per_hour: float) -> Catalog:
+    """Price the local provider at ``local.usd_per_hour`` (what ranked local competes at) when one is set."""
+    local = next((p for p in providers if p.kind == "local"), None)
+    if local is None or usd_per_hour <= 0:
+        return catalog
+    hw = local.capabilities.hardware
+    base = catalog.price("local", hw)
+    return catalog.with_prices([PriceRow(
+        provider="local", hardware=(hw.lower(),), profile=base.profile if base else "cpu-2",
+        usd_per_second=usd_per_hour / 3600.0, increment_s=0.0, bills_cold_start=False, bills_idle=False,
+        basis="config", billing_model=f"local.usd_per_hour = {usd_per_hour:g}",
+    )])
 
 
 def _placeholder_quote(p: Provider) -> Quote:

@@ -195,8 +195,13 @@ class FakeProvider(Provider):
         tasks: frozenset[str] = frozenset({"speech", "render"}),
         engines: frozenset[str] = frozenset({"piper", "csm"}),
         streaming: bool = True,
+        kind: str | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
         self.name = name
+        #: price rows key on the kind: by default each fake is a kind of its own, priced by ``price_row``
+        self.kind = kind or name
+        self.max_concurrency = max_concurrency
         self.latency_s = latency_s
         self.queue_s = queue_s
         self.cold_start_s = cold_start_s
@@ -257,7 +262,7 @@ class FakeProvider(Provider):
 
     def price_row(self) -> PriceRow:
         """The catalog row that prices this fake like a real provider (per second, cold start billed)."""
-        return PriceRow(provider=self.name.lower(), hardware=(self.capabilities.hardware.lower(),), profile="gpu",
+        return PriceRow(provider=self.kind.lower(), hardware=(self.capabilities.hardware.lower(),), profile="gpu",
                         usd_per_second=self.usd_per_second, min_billed_s=0.0, increment_s=0.0,
                         cold_start_s=self.cold_start_s, idle_s=self.idle_billed_s, basis="config",
                         billing_model="scripted fake", source="broker.testing.fake")
