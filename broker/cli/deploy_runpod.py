@@ -10,7 +10,6 @@ import typer
 from broker.cli.common import guarded, out, print_json
 from broker.errors import ConfigurationError
 
-
 NO_IMAGE = "<--image not given>"  # the same as broker.deploy.runpod.NO_IMAGE, without importing httpx here
 
 

@@ -54,7 +54,7 @@ def add_to_list(path: Path, key: Sequence[str], value: str, *, only_if_present: 
     else:
         doc = tomlkit.parse(path.read_text())
     *parents, name = key
-    holder = doc
+    holder: Any = doc
     for part in parents:
         found = holder.get(part)
         if not isinstance(found, Table | dict):

@@ -131,6 +131,17 @@ def match(name: str, table: dict[str, tuple[str, Any]]) -> list[str]:
     return [n for n, (kind, _) in table.items() if kind == norm(name)]
 
 
+def select(name: str, table: dict[str, tuple[str, Any]], built: dict[str, EndpointStatus]) -> list[str]:
+    """What ``name`` routes to: that endpoint if it is configured, else every configured endpoint of that
+    kind (``runpod`` = [runpod] when it has an id, else the [endpoints.*] RunPod ones); when none is
+    configured, the endpoint(s) it names, so their reason shows."""
+    exact = [n for n in table if norm(n) == norm(name)]
+    of_kind = [n for n, (kind, _) in table.items() if kind == norm(name) and n not in exact]
+    usable = [n for n in exact if built[n].provider is not None] or \
+        [n for n in of_kind if built[n].provider is not None]
+    return usable or exact or of_kind
+
+
 def resolve(settings: Settings, wanted: Sequence[Provider | str] | None = None) -> Routing:
     """The endpoints to route across: ``wanted`` (names, kinds or providers), else ``manager.providers``,
     else every configured endpoint; and local in the place ``manager.local`` gives it."""
@@ -157,13 +168,12 @@ def resolve(settings: Settings, wanted: Sequence[Provider | str] | None = None) 
             if norm(item) == LOCAL:
                 listed = True  # local's place is manager.local's to say
                 continue
-            names = match(item, table)
+            names = select(item, table, built)
             if not names:
                 routing.rows.append(EndpointStatus(item, "?", False, reason="unknown endpoint",
                                                    detail=unknown_message(item, built)))
                 continue
-            ok = [n for n in names if built[n].provider is not None]
-            picked += [n for n in (ok or names) if n not in picked]
+            picked += [n for n in names if n not in picked]
         chosen += [p for n in picked if (p := built[n].provider) is not None]
         for name, status in built.items():
             if name not in picked and status.routed:
@@ -216,12 +226,12 @@ def require(settings: Settings, name: str) -> None:
             raise ConfigurationError("local is disabled (local.enabled = false)")
         return
     table = specs(settings)
-    names = match(name, table)
     built = {n: _build(n, kind, cfg, settings) for n, (kind, cfg) in table.items()}
+    names = select(name, table, built)
     if not names:
         raise ConfigurationError(unknown_message(name, built))
     if not any(built[n].provider is not None for n in names):
         raise ConfigurationError("; ".join(built[n].detail for n in names))
 
 
-__all__ = ["EndpointStatus", "Routing", "create", "match", "norm", "require", "resolve", "specs"]
+__all__ = ["EndpointStatus", "Routing", "create", "match", "norm", "require", "resolve", "select", "specs"]

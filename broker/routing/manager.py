@@ -82,7 +82,7 @@ class ManagedJob(Job):
         now = time.monotonic()
         return any(
             p.name != current and p.name not in self._tried and m.health_board[p.name].usable(now)
-            and p.capabilities.supports(self.request) is None
+            and m.supports(p, self.request) is None
             for p in m.all_providers
         )
 
@@ -343,6 +343,10 @@ class CloudGPUManager(Provider):
         return self.providers + ([self.fallback] if self.fallback is not None else [])
 
     # -- quoting and ranking ------------------------------------------------------------------
+    def supports(self, provider: Provider, request: Request) -> str | None:
+        """Why ``provider`` cannot take ``request`` (its tasks, its engines, the default engine), or None."""
+        return provider.capabilities.supports(request, self.settings.engines.default)
+
     def quote_provider(self, provider: Provider, request: Request) -> Quote:
         """``provider``'s quote for ``request``, using what health has seen of its queue and warmth."""
         if type(provider).quote is not Provider.quote:
@@ -371,7 +375,7 @@ class CloudGPUManager(Provider):
         for p in self.providers:
             if p.name in exclude:
                 continue
-            why = p.capabilities.supports(request) or self._unavailable(p.name, now)
+            why = self.supports(p, request) or self._unavailable(p.name, now)
             if why:
                 dropped.append((Candidate(p, _placeholder_quote(p)), why))
                 continue
@@ -386,7 +390,7 @@ class CloudGPUManager(Provider):
         ranking.dropped[:0] = dropped
         fb = self.fallback
         if fb is not None and fb.name not in exclude:
-            why = fb.capabilities.supports(request) or self._unavailable(fb.name, now)
+            why = self.supports(fb, request) or self._unavailable(fb.name, now)
             if why:
                 ranking.dropped.append((Candidate(fb, _placeholder_quote(fb)), why))
             else:
@@ -409,7 +413,7 @@ class CloudGPUManager(Provider):
         now = time.monotonic()
         times = [
             t for p in self.all_providers
-            if p.name not in exclude and p.capabilities.supports(request) is None
+            if p.name not in exclude and self.supports(p, request) is None
             and (t := self.health_board[p.name].next_chance(now)) is not None
         ]
         return min(times) if times else None
@@ -427,8 +431,8 @@ class CloudGPUManager(Provider):
     async def submit(self, request: Request, *, stream: bool = False, deadline_s: float | None = None,
                      max_usd: float | None = None, policy: Any = None) -> Job:
         request.check_limits(self.settings.limits)
-        if not any(p.capabilities.supports(request) is None for p in self.all_providers):
-            reasons = "; ".join(f"{p.name}: {p.capabilities.supports(request)}" for p in self.all_providers)
+        if not any(self.supports(p, request) is None for p in self.all_providers):
+            reasons = "; ".join(f"{p.name}: {self.supports(p, request)}" for p in self.all_providers)
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
                                      + (f" ({reasons})" if reasons else ""))
         return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy)
