@@ -264,3 +264,27 @@ def test_provider_option_names_what_is_wrong(config: Any, tmp_path: Path) -> Non
     text = " ".join(runpod.output.split())
     assert "[runpod] endpoint_id" in text and "RUNPOD_API_KEY" in text  # brackets survive rich
     assert "no configured provider can run" not in text and not out.exists()
+
+
+# -- bench, per endpoint ---------------------------------------------------------------------------------
+async def test_bench_measures_endpoints_of_one_kind_apart(config: Any) -> None:
+    from broker.bench.model import keep_warm
+    from broker.bench.run import BenchOptions, abench
+    from broker.money.ledger import Ledger
+
+    one = FakeProvider("gpu-a", kind="fakegpu", latency_s=0.01, usd_per_second=0.002, hardware="fast-gpu")
+    two = FakeProvider("gpu-b", kind="fakegpu", latency_s=0.05, usd_per_second=0.002, hardware="fast-gpu")
+    local = FakeProvider("local", latency_s=0.02, hardware="cpu")
+    ledger = Ledger(":memory:")
+    options = BenchOptions(estimate=False, live=True, providers=[], words=(500,), render_seconds=(),
+                           warm_runs=1, volume=100)
+    result = await abench(options, providers=[one, two, local], catalog=fake_catalog(one), ledger=ledger)
+    rows = {r.provider: r for r in result.rows}
+    assert set(rows) == {"gpu-a", "gpu-b", "local"}  # one row per endpoint, not per kind
+    assert rows["gpu-a"].usd and rows["gpu-b"].usd  # both priced by their kind's row
+    assert {m.provider for m in result.monthly} == {"gpu-a", "gpu-b", "local"}
+    assert all(m.usd is not None for m in result.monthly)
+    assert {a["provider"] for a in ledger.attempts()} == {"gpu-a", "gpu-b", "local"}
+    # keep-warm settings come from the endpoint's own table
+    config(TWO_RUNPODS.replace("workers_max = 6", "workers_max = 6\nworkers_min = 2\nidle_timeout_s = 30"))
+    assert keep_warm(Settings(), "rp-cpu") == (2, 30.0) and keep_warm(Settings(), "rp-gpu") == (0, 5.0)
