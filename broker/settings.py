@@ -9,16 +9,13 @@ and are ``SecretStr``: they never print in reprs, logs or errors.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     SerializeAsAny,
@@ -28,58 +25,35 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 from pydantic_settings.exceptions import SettingsError
 
+from broker.endpoint_config import (
+    KIND_SETTINGS,
+    NAME_PATTERN,
+    SECTION_KINDS,
+    CommaList,
+    EndpointOptions,
+    OptionalCommaList,
+    PluginEndpointSettings,
+    check_names,
+    endpoint_tables,
+    errors_line,
+    name_list,
+    section_label,
+)
 from broker.errors import ConfigurationError
 from broker.types import Limits
 
-#: an endpoint or provider name: what `manager.providers`, `--provider` and the ledger use
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-#: the kinds with a one-per-kind section of their own ([runpod], [modal], ...): each is also an endpoint
-SECTION_KINDS = ("runpod", "modal", "replicate", "http")
-
-
-def name_list(value: Any) -> Any:
-    """A list of names from TOML/JSON (``["runpod", "local"]``) or the comma form (``runpod,local``)."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text.startswith("["):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is neither a JSON list nor comma-separated names") from None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{text!r} must be a list of names")
-        return value
-    names = [part.strip() for part in text.split(",")]
-    if text and any(not n for n in names):
-        raise ValueError(f"{text!r} has an empty name (write names separated by commas: runpod,local)")
-    return [n for n in names if n]
-
-
-def _check_names(names: list[str] | None) -> list[str] | None:
-    for n in names or ():
-        if not NAME_PATTERN.match(n):
-            raise ValueError(f"{n!r} is not an endpoint name (letters, digits, '-', '_', '.')")
-    return names
-
-
-#: a list that also reads the comma form from the environment (`BROKER_MANAGER__PROVIDERS=runpod,local`)
-CommaList = Annotated[list[str], NoDecode, BeforeValidator(name_list)]
-OptionalCommaList = Annotated[list[str] | None, NoDecode, BeforeValidator(name_list)]
-
-
-def section_label(name: str, kind: str) -> tuple[str, str]:
-    """Where an endpoint's keys live, for messages: ("[runpod]", "BROKER_RUNPOD__") or the named form."""
-    if name == kind and kind in SECTION_KINDS:
-        return f"[{kind}]", f"BROKER_{kind.upper()}__"
-    return f"[endpoints.{name}]", f"BROKER_ENDPOINTS__{name.upper().replace('-', '_')}__"
+__all__ = [
+    "KIND_SETTINGS", "NAME_PATTERN", "SECTION_KINDS", "CommaList", "EndpointOptions", "EngineSettings",
+    "HTTPWorkerSettings", "LedgerSettings", "LocalMode", "LocalSettings", "ManagerSettings", "ModalSettings",
+    "OptionalCommaList", "PluginEndpointSettings", "ReplicateSettings", "RunPodSettings", "Settings",
+    "config_path", "load", "name_list", "section_label",
+]
 
 
 def config_path() -> Path:
@@ -100,21 +74,6 @@ class LocalSettings(BaseModel):
     concurrency: int = 1
     #: what this machine costs per hour: the price local competes at when manager.local = "ranked"
     usd_per_hour: float = Field(default=0.0, ge=0)
-
-
-class EndpointOptions(BaseModel):
-    """Keys every endpoint has, whatever its kind: what it can run, how much at once, where."""
-
-    #: the provider kind of an [endpoints.NAME] table (the one-per-kind sections leave it unset)
-    kind: str | None = None
-    #: engines the endpoint's image carries; None = every engine a broker worker has
-    engines: OptionalCommaList = None
-    #: tasks it takes ("speech", "render"); None = both
-    tasks: OptionalCommaList = None
-    #: jobs it may run at once; None = what the kind's own scaling keys say (workers_max, max_containers, ...)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    #: a label shown by `broker providers` (e.g. "eu-west"); routing does not read it
-    region: str | None = None
 
 
 class EngineSettings(BaseModel):
@@ -303,7 +262,7 @@ class ManagerSettings(BaseModel):
     @field_validator("providers", mode="after")
     @classmethod
     def _provider_names(cls, value: list[str] | None) -> list[str] | None:
-        return _check_names(value)
+        return check_names(value)
 
     def local_mode(self, listed: bool | None = None) -> LocalMode:
         """Local's place, honouring the deprecated ``fallback_local`` when ``local`` was not set.
@@ -315,61 +274,6 @@ class ManagerSettings(BaseModel):
         if listed is None:
             listed = self.providers is not None and "local" in self.providers
         return "ranked" if listed else "off"  # the old meaning: local competes if listed, else is not used
-
-
-class PluginEndpointSettings(EndpointOptions):
-    """An endpoint of a plugin kind (``broker.providers`` entry point): its keys go to the plugin as given."""
-
-    model_config = ConfigDict(extra="allow")
-
-    hardware: str = "cpu"
-
-
-#: the settings model of each built-in kind; [endpoints.NAME] tables are validated with their kind's model
-KIND_SETTINGS: dict[str, type[EndpointOptions]] = {}
-
-
-def _endpoint_tables(raw: Any) -> dict[str, EndpointOptions]:
-    """[endpoints.NAME] tables (TOML or BROKER_ENDPOINTS__NAME__KEY) → each kind's settings model.
-
-    Environment names are upper case with underscores; ``BROKER_ENDPOINTS__RP_CPU__ENDPOINT_ID`` sets
-    ``[endpoints.rp-cpu]`` when the file names it so (the environment's value wins, as everywhere).
-    """
-    if not isinstance(raw, dict):
-        raise ValueError("endpoints must be a table of [endpoints.NAME] tables")
-    merged: dict[str, dict[str, Any]] = {}
-    spelled: dict[str, str] = {}
-    # The env spelling (rp_cpu) sorts after the file's (rp-cpu) here, so its values are applied last.
-    for name in sorted(raw, key=lambda n: "_" in n):
-        table = raw[name]
-        if isinstance(table, EndpointOptions):
-            merged[name], spelled[name] = {"__model__": table}, name
-            continue
-        if not isinstance(table, dict):
-            raise ValueError(f"[endpoints.{name}] must be a table of keys")
-        key = name.lower().replace("_", "-")
-        shown = spelled.setdefault(key, name)
-        merged.setdefault(shown, {}).update(table)
-    out: dict[str, EndpointOptions] = {}
-    for name, table in merged.items():
-        if not NAME_PATTERN.match(name) or name in ("local", "manager"):
-            raise ValueError(f"{name!r} cannot name an endpoint (letters, digits, '-', '_', '.'; not local)")
-        if "__model__" in table:
-            out[name] = table["__model__"]
-            continue
-        table = dict(table)
-        kind = str(table.pop("kind", "") or (name if name in SECTION_KINDS else "")).strip().lower()
-        if not kind:
-            raise ValueError(f"[endpoints.{name}] needs kind = \"runpod\" | \"modal\" | \"replicate\" | \"http\" "
-                             "| a plugin kind")
-        model = KIND_SETTINGS.get(kind, PluginEndpointSettings)
-        try:
-            cfg = model(**table)
-        except ValidationError as exc:
-            raise ValueError(f"[endpoints.{name}] " + _errors_line(exc)) from None
-        cfg.kind = kind
-        out[name] = cfg
-    return out
 
 
 class LedgerSettings(BaseModel):
@@ -400,7 +304,7 @@ class Settings(BaseSettings):
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     #: named endpoints, [endpoints.NAME] with kind = "runpod" | "modal" | "replicate" | "http" | a plugin kind
-    endpoints: Annotated[dict[str, SerializeAsAny[EndpointOptions]], BeforeValidator(_endpoint_tables)] = Field(
+    endpoints: Annotated[dict[str, SerializeAsAny[EndpointOptions]], BeforeValidator(endpoint_tables)] = Field(
         default_factory=dict)
     #: price overrides: a CSV with the catalog's columns, merged over the packaged one
     prices_path: str | None = None
@@ -425,7 +329,7 @@ class Settings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigurationError(f"invalid configuration ({_origin()}): {_errors_line(exc)}") from None
+            raise ConfigurationError(f"invalid configuration ({_origin()}): {errors_line(exc)}") from None
         except SettingsError as exc:
             cause = exc.__cause__
             detail = f"{exc}" + (f": {cause}" if cause is not None else "")
@@ -464,19 +368,6 @@ class Settings(BaseSettings):
 
 KIND_SETTINGS.update(runpod=RunPodSettings, modal=ModalSettings, replicate=ReplicateSettings,
                      http=HTTPWorkerSettings)
-
-
-def _errors_line(exc: ValidationError) -> str:
-    """Pydantic's errors as one line: ``manager.providers: '[runpod' is neither ...; local.concurrency: ...``."""
-    parts = []
-    for e in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        shown = e.get("input")
-        if e["type"] not in ("value_error", "missing") and isinstance(shown, str | int | float):
-            msg += f" (got {shown!r})"
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts).replace("\n", " ")
 
 
 def _origin() -> str:
