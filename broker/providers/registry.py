@@ -8,6 +8,7 @@ the ``broker.providers`` entry-point group.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -56,11 +57,19 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _entry_point_entries() -> dict[str, Entry]:
+    # Scanning installed distributions costs tens of ms, and managers are built often: once per process
+    # (``refresh()`` after installing a plugin into a running process).
     found: dict[str, Entry] = {}
     for ep in entry_points(group="broker.providers"):
         found[ep.name] = Entry(ep.value, f"pip install the package providing {ep.name!r}", "plugin")
     return found
+
+
+def refresh() -> None:
+    """Forget the plugin kinds found so far (they are looked up again on next use)."""
+    _entry_point_entries.cache_clear()
 
 
 def names() -> list[str]:
@@ -68,11 +77,13 @@ def names() -> list[str]:
 
 
 def entry(name: str) -> Entry:
+    if name in REGISTRY:  # built-in kinds win over plugins of the same name
+        return REGISTRY[name]
     table = {**_entry_point_entries(), **REGISTRY}
     try:
         return table[name]
     except KeyError:
-        raise UnknownProvider(f"unknown provider {name!r}; known: {', '.join(sorted(table))}") from None
+        raise UnknownProvider(f"unknown provider kind {name!r}; known: {', '.join(sorted(table))}") from None
 
 
 def provider_class(name: str) -> type[Provider]:
