@@ -100,6 +100,10 @@ def test_comma_form_is_the_json_list_and_a_bad_value_is_one_line(config: Any, mo
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr  # one line
     assert "manager.providers" in proc.stderr and "'[runpod'" in proc.stderr
+    # a name that is no endpoint is a mistake to report, not one to route around silently
+    monkeypatch.setenv("BROKER_MANAGER__PROVIDERS", "runpd,local")
+    typo = cli("quote", "Hello.")
+    assert typo.exit_code == 2 and "'runpd'" in typo.output and "configured endpoints: local" in typo.output
 
 
 def test_a_bad_endpoint_table_names_itself(config: Any) -> None:
@@ -288,3 +292,21 @@ async def test_bench_measures_endpoints_of_one_kind_apart(config: Any) -> None:
     # keep-warm settings come from the endpoint's own table
     config(TWO_RUNPODS.replace("workers_max = 6", "workers_max = 6\nworkers_min = 2\nidle_timeout_s = 30"))
     assert keep_warm(Settings(), "rp-cpu") == (2, 30.0) and keep_warm(Settings(), "rp-gpu") == (0, 5.0)
+
+
+def test_a_plugin_kind_whose_sdk_is_missing_is_not_installed(config: Any, tmp_path: Path) -> None:
+    """A real plugin, found through the broker.providers entry-point group, whose module needs an absent SDK."""
+    site = tmp_path / "site"
+    info = site / "broker_sdkless-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broker-sdkless\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[broker.providers]\nsdkless = broker_sdkless:SDKLessProvider\n")
+    (site / "broker_sdkless.py").write_text("import some_cloud_sdk_nobody_installed  # noqa\n")
+    env = {"PYTHONPATH": f"{site}:{Path(__file__).resolve().parent.parent}"}
+    proc = run_cli("providers", "--json", "--no-probe", env=env)
+    assert proc.returncode == 0, proc.stderr
+    row = next(r for r in json.loads(proc.stdout) if r["provider"] == "sdkless")
+    assert (row["kind"], row["routed"], row["reason"], row["installed"]) == ("sdkless", False, "not installed", False)
+    assert "some_cloud_sdk_nobody_installed" in row["detail"] and "pip install" in row["detail"]
+    speak = run_cli("speak", "Hi.", "--provider", "sdkless", "-o", str(tmp_path / "x.wav"), env=env)
+    assert speak.returncode == 2 and "some_cloud_sdk_nobody_installed" in speak.stderr

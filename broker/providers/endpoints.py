@@ -169,10 +169,9 @@ def resolve(settings: Settings, wanted: Sequence[Provider | str] | None = None) 
                 listed = True  # local's place is manager.local's to say
                 continue
             names = select(item, table, built)
-            if not names:
-                routing.rows.append(EndpointStatus(item, "?", False, reason="unknown endpoint",
-                                                   detail=unknown_message(item, built)))
-                continue
+            if not names:  # a typo would otherwise route silently to the rest: say so instead
+                source = "manager.providers" if wanted is None else "the providers given"
+                raise ConfigurationError(f"{source}: {unknown_message(item, built)}")
             picked += [n for n in names if n not in picked]
         chosen += [p for n in picked if (p := built[n].provider) is not None]
         for name, status in built.items():
