@@ -198,7 +198,7 @@ def _live_providers(options: BenchOptions, settings: Settings, skipped: dict[str
     asked = None if options.providers is None else {endpoints.norm(n) for n in options.providers}
     for row in routing.rows:
         named = asked is None or endpoints.norm(row.name) in asked or row.kind in asked
-        if not row.routed and named and row.reason != "excluded by manager.providers":
+        if not row.routed and named and not row.reason.startswith("excluded"):
             skipped[row.name] = row.detail or row.reason
     found = list(routing.ranked)
     if options.providers is not None and "local" not in options.providers:

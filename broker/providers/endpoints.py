@@ -170,15 +170,21 @@ def resolve(settings: Settings, wanted: Sequence[Provider | str] | None = None) 
                 continue
             names = select(item, table, built)
             if not names:  # a typo would otherwise route silently to the rest: say so instead
-                source = "manager.providers" if wanted is None else "the providers given"
-                raise ConfigurationError(f"{source}: {unknown_message(item, built)}")
+                where = "manager.providers" if wanted is None else "the providers given"
+                raise ConfigurationError(f"{where}: {unknown_message(item, built)}")
             picked += [n for n in names if n not in picked]
+        given = {p.name for p in chosen}  # providers handed in as objects take their name's row
         chosen += [p for n in picked if (p := built[n].provider) is not None]
-        for name, status in built.items():
-            if name not in picked and status.routed:
+        source = "manager.providers" if wanted is None else "the providers given"
+        for name, status in list(built.items()):
+            if name in given:
+                del built[name]
+            elif name not in picked and status.routed:
                 status.routed, status.role = False, ""  # still built: `broker providers` probes it
-                status.reason = "excluded by manager.providers"
-                status.detail = f"not in manager.providers ({', '.join(map(str, explicit))})"
+                status.reason = "excluded by manager.providers" if wanted is None else "excluded"
+                status.detail = f"not in {source} ({', '.join(map(str, explicit))})"
+        routing.rows += [EndpointStatus(p.name, p.kind, True, role="ranked", provider=p)
+                         for p in chosen if p.name in given]
     routing.rows += built.values()
     _place_local(routing, settings, chosen, local, listed)
     return routing

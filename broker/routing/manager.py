@@ -1,6 +1,8 @@
-"""CloudGPUManager: a Provider that routes each job to the best provider it manages, and pays attention.
+"""CloudGPUManager: a Provider that routes each job to the best endpoint it manages, and pays attention.
 
-For each job: quote every capable provider (catalog × profile, with what health has observed),
+Which endpoints (and local's place) come from ``broker.providers.endpoints.resolve``: every configured
+endpoint unless ``manager.providers`` names some, local per ``manager.local``. For each job: quote every
+capable endpoint (catalog × profile, priced by kind + hardware, with what health has observed),
 drop the ones whose circuit is open or that cost more than the per-job cap, rank the rest with
 the policy (cheapest by default), and try them in turn — each provider at most once per job,
 with same-provider retries for rate limits and 5xx by error class — ending at the local
