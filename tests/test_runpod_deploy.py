@@ -186,6 +186,11 @@ def test_named_endpoint_joins_a_listed_providers_and_keeps_comments(tmp_path: Pa
     write_endpoint_id(config, "cpu456", "rp-cpu", options)  # again: updated in place, listed once
     data = tomllib.loads(config.read_text())
     assert data["manager"]["providers"].count("rp-cpu") == 1 and data["endpoints"]["rp-cpu"]["endpoint_id"] == "cpu456"
+    # without a name the [runpod] section is the endpoint: a CPU one is recorded as priced like one
+    write_endpoint_id(config, "cpu789", None, options)
+    assert tomllib.loads(config.read_text())["runpod"] == {"endpoint_id": "cpu789", "hardware": "cpu",
+                                                           "compute_type": "CPU"}
+    assert DeployOptions(gpu_types=["NVIDIA L40S"]).hardware == "L40S"  # priced under its shorthand
 
 
 def test_cpu_endpoint_dry_run_needs_no_image_and_no_key(tmp_path: Path) -> None:

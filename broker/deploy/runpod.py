@@ -94,7 +94,9 @@ class DeployOptions:
         """The price row the endpoint is quoted with: "cpu" (2 vCPUs) / "cpu-N", or the first GPU."""
         if self.cpu:
             return "cpu" if self.vcpu_count == 2 else f"cpu-{self.vcpu_count}"
-        return self.gpu_types[0] if self.gpu_types else "A100-80GB"
+        first = self.gpu_types[0] if self.gpu_types else "A100-80GB"
+        # a gpuTypeId ("NVIDIA L40S") is priced under its shorthand ("L40S")
+        return next((short for short, ids in GPU_SHORTHANDS.items() if first in ids), first)
 
     def summary(self) -> str:
         """What the endpoint runs on, for plans and logs."""
@@ -378,7 +380,10 @@ def write_endpoint_id(path: Path, endpoint_id: str, endpoint: str | None = None,
     from broker.deploy.configfile import add_to_list, update_section
 
     if endpoint is None or endpoint == "runpod":
-        return update_section(path, "runpod", {"endpoint_id": endpoint_id})
+        values = {"endpoint_id": endpoint_id}
+        if options is not None and options.cpu:  # a CPU endpoint is priced as one, not as the GPU default
+            values.update(hardware=options.hardware, compute_type="CPU")
+        return update_section(path, "runpod", values)
     values: dict[str, Any] = {"kind": "runpod", "endpoint_id": endpoint_id}
     if options is not None:
         values.update(hardware=options.hardware, engines=[options.engine], workers_max=options.workers_max,
