@@ -82,7 +82,7 @@ async def _health(provider: Any) -> Any:
 
 def _routed_cell(r: dict[str, Any]) -> str:
     if r["routed"]:
-        return f"yes ({r['role']})" if r["role"] == "fallback" else "yes"
+        return f"yes ({r['role']})" if r["kind"] == "local" else "yes"  # local's place: fallback or ranked
     return f"no: {r['reason']}" if r["reason"] else "no"
 
 
