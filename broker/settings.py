@@ -85,6 +85,9 @@ class EngineSettings(BaseModel):
     piper_voices: dict[str, str] = Field(default_factory=dict)
     #: Sesame CSM: a local folder with transformers weights (CsmForConditionalGeneration)
     csm_path: str | None = None
+    #: your own engines: name → "pkg.module:Class" (a SpeechEngine subclass); installed packages can
+    #: also declare them as `broker.engines` entry points (broker/engines/registry.py)
+    plugins: dict[str, str] = Field(default_factory=dict)
 
 
 class RunPodSettings(EndpointOptions):
@@ -197,13 +200,26 @@ class HTTPWorkerSettings(EndpointOptions):
     """A self-hosted `broker worker serve` (provider name: http)."""
 
     url: str | None = None
+    #: several workers (a pool): each job goes to the one with the shortest /ready queue, and fails
+    #: over to the others first; ``url`` (if set) is the pool's first member
+    urls: CommaList = Field(default_factory=list)
     api_key: SecretStr | None = None
     hardware: str = "cpu"
-    #: $/hour of the machine it runs on, for quotes (a rented VM is paid by the hour)
+    #: $/hour of one machine it runs on, for quotes (a rented VM is paid by the hour)
     usd_per_hour: float | None = None
+    #: machines kept running all month (each billed usd_per_hour, 24 h a day) in `broker bench --volume`;
+    #: None = one per configured URL (a load balancer's single URL counts as one: say how many are behind it)
+    machines: int | None = Field(default=None, ge=0)
     connect_timeout_s: float = 5.0
     #: read timeout of one job request: the longest job this worker is expected to run
     request_timeout_s: float = 900.0
+
+    @property
+    def always_on_machines(self) -> int:
+        """Machines billed around the clock: ``machines``, else one per configured URL."""
+        if self.machines is not None:
+            return self.machines
+        return len(dict.fromkeys([*([self.url] if self.url else []), *self.urls]))
 
 
 LocalMode = Literal["fallback", "ranked", "off"]
@@ -280,6 +296,29 @@ class LedgerSettings(BaseModel):
     path: str = "~/.local/share/broker/ledger.sqlite"
 
 
+class GatewaySettings(BaseModel):
+    """`broker serve`: the HTTP job gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+    #: the job table and API keys: sqlite:///… (one process, in-process queue) or postgresql://… (replicas
+    #: share it, jobs queue in procrastinate); None = a SQLite file beside the ledger
+    database_url: str | None = None
+    #: finished outputs: a directory, or an S3-compatible bucket when s3_bucket is set
+    output_dir: str = "~/.local/share/broker/outputs"
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    #: jobs this replica runs at once
+    concurrency: int = Field(default=4, ge=1, le=256)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    #: a replica that stops renewing its claim on a job for this long loses it to another replica
+    lease_s: float = Field(default=30.0, gt=0)
+    #: signs completion webhooks of the open (keyless) tenant; keyed tenants get their own secret
+    webhook_secret: SecretStr | None = None
+    webhook_attempts: int = Field(default=6, ge=1, le=20)
+
+
 _ENV_SECRETS = {
     ("runpod", "api_key"): "RUNPOD_API_KEY",
     ("replicate", "api_token"): "REPLICATE_API_TOKEN",
@@ -303,6 +342,7 @@ class Settings(BaseSettings):
     http: HTTPWorkerSettings = Field(default_factory=HTTPWorkerSettings)
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     #: named endpoints, [endpoints.NAME] with kind = "runpod" | "modal" | "replicate" | "http" | a plugin kind
     endpoints: Annotated[dict[str, SerializeAsAny[EndpointOptions]], BeforeValidator(endpoint_tables)] = Field(
         default_factory=dict)

@@ -94,7 +94,7 @@ def deploy_runpod(
             return
         say(f"RunPod endpoint {result.endpoint_id} is ready; wrote {where} to {target}")
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def _endpoint_settings(settings: Any, endpoint: str | None) -> Any:

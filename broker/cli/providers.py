@@ -112,7 +112,7 @@ def providers(
             table.add_row(*(escape(str(c)) for c in cells))  # "[runpod] endpoint_id" must print as written
         out.print(table)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def register(app: typer.Typer) -> None:

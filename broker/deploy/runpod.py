@@ -379,12 +379,12 @@ def write_endpoint_id(path: Path, endpoint_id: str, endpoint: str | None = None,
     """
     from broker.deploy.configfile import add_to_list, update_section
 
+    values: dict[str, Any] = {"endpoint_id": endpoint_id}
     if endpoint is None or endpoint == "runpod":
-        values = {"endpoint_id": endpoint_id}
         if options is not None and options.cpu:  # a CPU endpoint is priced as one, not as the GPU default
             values.update(hardware=options.hardware, compute_type="CPU")
         return update_section(path, "runpod", values)
-    values: dict[str, Any] = {"kind": "runpod", "endpoint_id": endpoint_id}
+    values = {"kind": "runpod", **values}
     if options is not None:
         values.update(hardware=options.hardware, engines=[options.engine], workers_max=options.workers_max,
                       compute_type=options.compute_type)

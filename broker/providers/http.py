@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import SecretStr
 
 from broker import wire
+from broker.engines import SPEECH_ENGINES
 from broker.errors import (
     AuthenticationFailed,
     BrokerError,
@@ -266,10 +267,18 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+class JobClient(Protocol):
+    """What ``HTTPJob`` needs of a client: one worker (``HTTPJobClient``) or a pool of them (``PoolClient``)."""
+
+    async def run(self, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
 class HTTPJob(BackgroundJob):
     """One job on an HTTP worker: a background request, or a stream of chunks fed to ``stream()``."""
 
-    def __init__(self, provider: str, client: HTTPJobClient, request: Request, payload: dict[str, Any],
+    def __init__(self, provider: str, client: JobClient, request: Request, payload: dict[str, Any],
                  *, stream: bool, bill: BillFn) -> None:
         super().__init__(provider, str(payload["id"]), request)
         self._client = client
@@ -335,15 +344,20 @@ def encode_job(request: Request, *, stream: bool, limits: Limits) -> tuple[dict[
 
 
 class HTTPProvider(Provider):
-    """A `broker worker serve` you run yourself (Kubernetes, ECS, a box under the desk)."""
+    """A `broker worker serve` you run yourself (Kubernetes, ECS, a box under the desk), or a pool of them.
+
+    ``urls`` (several workers) makes a pool: each job goes to the worker with the shortest queue and
+    fails over to the others before the manager sees an error (``broker.providers.http_pool``).
+    """
 
     name = "http"
     kind = "http"
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
+        urls: Sequence[str] = (),
         api_key: str | SecretStr | None = None,
         hardware: str = "cpu",
         usd_per_hour: float | None = None,
@@ -353,23 +367,33 @@ class HTTPProvider(Provider):
         limits: Limits = DEFAULT_LIMITS,
         name: str | None = None,
     ) -> None:
+        from broker.providers.http_pool import PoolClient, WorkerPool
+
         if name:
             self.name = name
         key = SecretStr(api_key) if isinstance(api_key, str) else api_key
-        self.client = HTTPJobClient(
-            url,
+        addresses = list(dict.fromkeys([*([url] if url else []), *urls]))
+        if not addresses:
+            raise ConfigurationError(f"{self.name}: give the worker's url (or urls for a pool)")
+        clients = [HTTPJobClient(
+            address,
             provider=self.name,
             auth_headers={"Authorization": SecretStr(f"Bearer {key.get_secret_value()}")} if key else None,
             transport=transport,
             connect_timeout_s=connect_timeout_s,
             request_timeout_s=request_timeout_s,
-        )
+        ) for address in addresses]
+        #: the first worker (the only one without a pool)
+        self.client = clients[0]
+        self.pool = PoolClient(WorkerPool(clients), self.name)
         self.usd_per_hour = usd_per_hour
         self.limits = limits
-        self.capabilities = Capabilities.broker_worker(hardware)
+        # A remote image's engines cannot be seen from here: the built-ins unless its endpoint says
+        # (`engines = [...]`); broker_worker's own default is what *this* process has.
+        self.capabilities = Capabilities.broker_worker(hardware, engines=frozenset(SPEECH_ENGINES))
 
     def __repr__(self) -> str:
-        return f"<HTTPProvider {safe_url(self.client.base_url)}>"
+        return f"<HTTPProvider {', '.join(m.url for m in self.pool.pool.members)}>"
 
     @classmethod
     def from_settings(cls, settings: Settings, *, endpoint: str | None = None,
@@ -379,12 +403,14 @@ class HTTPProvider(Provider):
         name = endpoint or cls.name
         section, env = section_label(name, "http")
         url = overrides.pop("url", cfg.url)
-        if not url:
+        urls = list(overrides.pop("urls", cfg.urls))
+        if not url and not urls:
             raise NotConfigured(
                 f"the http endpoint {name!r} needs the worker's address: set {section} url ({env}URL), "
-                "e.g. http://gpu-box:8000 where `broker worker serve` runs", ["url"]
+                f"e.g. http://gpu-box:8000 where `broker worker serve` runs, or {section} urls for a pool", ["url"]
             )
         kwargs: dict[str, Any] = {
+            "urls": urls,
             "api_key": cfg.api_key,
             "hardware": cfg.hardware,
             "usd_per_hour": cfg.usd_per_hour,
@@ -394,8 +420,9 @@ class HTTPProvider(Provider):
             "name": name,
         }
         kwargs.update(overrides)
-        provider = cls(url, **kwargs)
-        provider.max_concurrency = cfg.max_concurrency
+        provider = cls(url or None, **kwargs)
+        if cfg.max_concurrency is not None:
+            provider.max_concurrency = cfg.max_concurrency
         return provider
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
@@ -418,16 +445,16 @@ class HTTPProvider(Provider):
 
     async def submit(self, request: Request, *, stream: bool = False) -> Job:
         payload, streaming = encode_job(request, stream=stream, limits=self.limits)
-        return HTTPJob(self.name, self.client, request, payload, stream=streaming, bill=self.bill)
+        return HTTPJob(self.name, self.pool, request, payload, stream=streaming, bill=self.bill)
 
     async def health(self) -> HealthReport:
         started = time.perf_counter()
         try:
-            ok, info = await self.client.ready()
+            ok, info = await self.pool.ready()
         except BrokerError as exc:
             return HealthReport(ok=False, detail=exc.message, latency_s=time.perf_counter() - started)
         detail = "worker ready" if ok else f"worker not ready: {info.get('error') or info.get('detail') or ''}"
         return HealthReport(ok=ok, detail=detail.strip(), latency_s=time.perf_counter() - started, info=info)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.pool.aclose()
