@@ -121,8 +121,8 @@ queue_timeout_s = 120
     manager = CloudGPUManager(settings=Settings())
     assert [p.name for p in manager.providers] == ["rp-cpu", "rp-gpu"]
     try:
-        piper = await manager.agenerate_speech("Piper speaks on the CPU endpoint.")
-        csm = await manager.agenerate_speech("Hi.", engine="csm", max_length_ms=1_000)
+        piper = await manager.agenerate_speech("Piper speaks on the CPU endpoint.", return_tensor=False)
+        csm = await manager.agenerate_speech("Hi.", engine="csm", max_length_ms=1_000, return_tensor=False)
     finally:
         await manager.aclose()
         manager.close()
