@@ -55,6 +55,14 @@ class ConfigurationError(BrokerError):
     code = "configuration_error"
 
 
+class NotConfigured(ConfigurationError):
+    """An endpoint lacks what it needs to run (``missing``: "endpoint id", "API key", ...)."""
+
+    def __init__(self, message: str, missing: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
 class ProviderNotInstalled(BrokerError, ImportError):
     """A provider's optional SDK is missing; the message carries the install hint."""
 
@@ -168,6 +176,29 @@ class AllProvidersFailed(BrokerError):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "attempts": [a.model_dump() for a in self.attempts]}
+
+
+class PieceFailed(AllProvidersFailed):
+    """One piece of a long job failed on every provider; the job stopped (finished pieces are kept)."""
+
+    code = "piece_failed"
+
+    def __init__(self, message: str, attempts: Sequence[Attempt] = (), *, piece: int | None = None,
+                 partial: str | None = None) -> None:
+        super().__init__(message, attempts)
+        self.piece = piece
+        self.partial = partial
+
+
+class BudgetStopped(BudgetExceeded):
+    """A long job reached its ``max_usd`` and stopped cleanly: partial output kept, resumable."""
+
+    code = "budget_stopped"
+
+    def __init__(self, message: str, *, spent_usd: float = 0.0, partial: str | None = None) -> None:
+        super().__init__(message)
+        self.spent_usd = spent_usd
+        self.partial = partial
 
 
 _BY_NAME: dict[str, type[BrokerError]] = {}
