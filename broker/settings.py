@@ -212,6 +212,17 @@ class ManagerSettings(BaseModel):
     profiles_path: str | None = None
 
 
+class WorkerSettings(BaseModel):
+    """The worker side (`broker worker serve` and every handler): what a job may make it fetch."""
+
+    #: fetch media URLs on loopback/private/link-local addresses (a worker inside a private network)
+    allow_private_urls: bool = False
+    #: fetch plain-http media URLs too (default: https only)
+    allow_http_urls: bool = False
+    fetch_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+
+
 class LedgerSettings(BaseModel):
     path: str = "~/.local/share/broker/ledger.sqlite"
 
@@ -239,6 +250,7 @@ class Settings(BaseSettings):
     http: HTTPWorkerSettings = Field(default_factory=HTTPWorkerSettings)
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     #: price overrides: a CSV with the catalog's columns, merged over the packaged one
     prices_path: str | None = None
 
