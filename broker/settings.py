@@ -10,6 +10,7 @@ and are ``SecretStr``: they never print in reprs, logs or errors.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from broker.redact import redact_url, register_secret, url_password
 from broker.types import Limits
 
 
@@ -53,7 +55,17 @@ class EngineSettings(BaseModel):
     csm_path: str | None = None
 
 
-class RunPodSettings(BaseModel):
+class RedactingModel(BaseModel):
+    """A settings section whose repr masks the password of any URL it holds."""
+
+    def __repr__(self) -> str:
+        return _redact_repr(super().__repr__())
+
+    def __str__(self) -> str:
+        return _redact_repr(super().__str__())
+
+
+class RunPodSettings(RedactingModel):
     """A RunPod serverless (queue) endpoint running ``handlers/runpod/handler.py``."""
 
     endpoint_id: str | None = None
@@ -90,7 +102,7 @@ class RunPodSettings(BaseModel):
     handler_mode: str = "stream"
 
 
-class ModalSettings(BaseModel):
+class ModalSettings(RedactingModel):
     """A Modal app deployed from handlers/modal/app.py (provider name: modal).
 
     The same fields drive `broker deploy modal` and the app itself: the app module reads
@@ -128,7 +140,7 @@ class ModalSettings(BaseModel):
     request_timeout_s: float = 900.0
 
 
-class ReplicateSettings(BaseModel):
+class ReplicateSettings(RedactingModel):
     #: where predictions go, first set wins: a deployment ("owner/name"), a version id, a model ("owner/name")
     deployment: str | None = None
     model: str | None = None
@@ -152,7 +164,7 @@ class ReplicateSettings(BaseModel):
     max_instances: int = 1
 
 
-class HTTPWorkerSettings(BaseModel):
+class HTTPWorkerSettings(RedactingModel):
     """A self-hosted `broker worker serve` (provider name: http)."""
 
     url: str | None = None
@@ -279,9 +291,56 @@ class Settings(BaseSettings):
                 setattr(target, attr, SecretStr(value))
         return self
 
+    @model_validator(mode="after")
+    def _register_secrets(self) -> Settings:
+        """Every configured credential (and a password inside any URL) is masked in errors from now on."""
+        for value in _walk(self):
+            if isinstance(value, SecretStr):
+                register_secret(value.get_secret_value())
+            elif isinstance(value, str):
+                register_secret(url_password(value))
+        return self
+
     def redacted(self) -> dict[str, Any]:
-        """A dict safe to print: secrets appear as '**********' or null."""
-        return self.model_dump(mode="json")
+        """A dict safe to print: secrets appear as '**********' or null, URL passwords as '****'."""
+        return _redact_urls(self.model_dump(mode="json"))
+
+    def __repr__(self) -> str:
+        return _redact_repr(super().__repr__())
+
+    def __str__(self) -> str:
+        return _redact_repr(super().__str__())
+
+
+def _walk(value: Any) -> Any:
+    """Every leaf value of a settings tree (models, dicts, lists)."""
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _walk(getattr(value, name, None))
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _walk(item)
+    else:
+        yield value
+
+
+def _redact_urls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_urls(v) for v in value]
+    return redact_url(value) if isinstance(value, str) else value
+
+
+_URL_IN_REPR = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
+def _redact_repr(text: str) -> str:
+    """A repr with every URL's password masked (nested section models included)."""
+    return _URL_IN_REPR.sub(lambda m: redact_url(m.group()), text)
 
 
 def load(**overrides: Any) -> Settings:

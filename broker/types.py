@@ -342,10 +342,18 @@ def build(model: type[BaseModel], **fields: Any) -> Any:
         raise invalid_from_validation(exc) from None
 
 
+_TYPE_TAGS = {"int", "str", "float", "bool", "bytes", "none", "list", "dict", "tuple", "is-instance"}
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
+
+
 def invalid_from_validation(exc: ValidationError, prefix: str = "") -> InvalidRequest:
     err = exc.errors()[0]
     parts = [prefix] if prefix else []
-    parts += [str(p) for p in err.get("loc", ())]
+    # union members add their type to the location ("speaker.int"); the field is what the caller named
+    parts += [str(p) for p in err.get("loc", ()) if not _is_type_tag(p)]
     loc = ".".join(parts) or "input"
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")
