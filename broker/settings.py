@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from broker.config_check import read_toml
 from broker.redact import redact_url, register_secret, url_password
 from broker.types import Limits
 
@@ -278,6 +279,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = config_path()
         if path.is_file():
+            read_toml(path)  # a malformed file is one ConfigurationError naming the file and line
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 

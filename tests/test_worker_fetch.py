@@ -111,7 +111,7 @@ def test_errors_read_the_same_whatever_is_at_the_port(loopback: Counting) -> Non
     open_port = loopback.server_address[1]
     messages = set()
     for url in (f"http://127.0.0.1:{closed}/x", f"http://127.0.0.1:{open_port}/missing",
-                f"http://no-such-host.invalid/x"):
+                "http://no-such-host.invalid/x"):
         with pytest.raises(InvalidRequest) as info:
             MediaFetcher(OPEN)(url)
         messages.add(info.value.message)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from broker.cli.common import atomic_output, err, guarded, interactive, out, print_json
+from broker.cli.common import atomic_output, check_engine, err, guarded, interactive, out, print_json
 
 if TYPE_CHECKING:
     from broker.bench.run import Progress
@@ -78,6 +78,7 @@ def bench(
         from broker.money.ledger import Ledger
         from broker.settings import Settings
 
+        check_engine(engine)
         options = BenchOptions(
             estimate=estimate or not live, live=live,
             providers=_names(providers), hardware=_names(hardware),

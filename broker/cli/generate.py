@@ -8,7 +8,19 @@ from typing import Annotated, Any
 
 import typer
 
-from broker.cli.common import atomic_output, err, fail, guarded, interactive, out, print_json
+from broker.cli.common import (
+    MAX_AUDIO_FILE_BYTES,
+    atomic_output,
+    check_engine,
+    check_output,
+    err,
+    fail,
+    guarded,
+    interactive,
+    out,
+    print_json,
+    read_input,
+)
 from broker.errors import InvalidRequest
 from broker.media import Audio, Video
 from broker.types import RenderRequest, SpeechRequest, build
@@ -65,6 +77,8 @@ def speak(
                         max_length_ms=max_length_ms)
         if output.suffix.lower() not in (".wav", ".flac"):
             raise InvalidRequest("output", "must end in .wav or .flac")
+        check_engine(engine)
+        check_output(output)
         started = time.perf_counter()
         manager = _manager(provider)
         with atomic_output(output) as tmp:
@@ -107,19 +121,20 @@ def render(
             raise InvalidRequest("input", "give exactly one of --text or --audio")
         if output.suffix.lower() != ".mp4":
             raise InvalidRequest("output", "must end in .mp4")
+        check_output(output, audio=audio, avatar=avatar)
         fields: dict[str, Any] = {"fps": fps, "size": size, "speaker": _speaker(speaker)}
         if text is not None:
             fields["text"] = text
         if audio is not None:
+            data = read_input(audio, "audio", MAX_AUDIO_FILE_BYTES)
             try:
-                fields["audio"] = Audio.from_file(audio)
+                fields["audio"] = Audio.from_bytes(data)
             except (OSError, ValueError) as exc:
                 raise InvalidRequest("audio", f"cannot read {audio}: {exc}") from None
         if avatar is not None:
-            try:
-                fields["avatar"] = avatar.read_bytes()
-            except OSError as exc:
-                raise InvalidRequest("avatar", f"cannot read {avatar}: {exc.strerror}") from None
+            from broker.types import DEFAULT_LIMITS
+
+            fields["avatar"] = read_input(avatar, "avatar", DEFAULT_LIMITS.max_avatar_bytes)
         request = build(RenderRequest, **fields)
         started = time.perf_counter()
         manager = _manager(provider)

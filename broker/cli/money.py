@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from broker.cli.common import guarded, out, print_json
+from broker.cli.common import check_engine, guarded, out, positive, print_json
 
 
 def _quote_rows(text: str, render: bool, engine: str | None, deadline: float | None,
@@ -61,6 +61,8 @@ def quote(
     """Rank the providers for TEXT: expected $ and seconds each, and why any was dropped."""
 
     def run() -> None:
+        positive("--deadline", deadline)
+        check_engine(engine)
         data = _quote_rows(text, render, engine, deadline, policy)
         if not whole_catalog:
             data.pop("catalog")
@@ -99,6 +101,7 @@ def costs(
         from broker.money.ledger import Ledger
         from broker.settings import Settings
 
+        positive("--days", days, allow_zero=True)
         settings = Settings()
         ledger = Ledger(settings.ledger.path)
         since = time.time() - days * 86400 if days > 0 else None
