@@ -371,7 +371,7 @@ class _TooLarge(Exception):
         self.limit = limit
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit * _DRAIN_FACTOR:
         raise _TooLarge(limit)
@@ -388,14 +388,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
             over = True
     if over or (declared.isdigit() and int(declared) > limit):
         raise _TooLarge(limit)
-    return bytes(body)
+    return body  # no copy: json.loads reads a bytearray as it is
 
 
 #: deepest nesting a job needs is 4 (input.context[i].audio); anything far deeper is an attack
 MAX_JSON_DEPTH = 32
 
 
-def _parse_json(body: bytes) -> Any:
+def _parse_json(body: bytes | bytearray) -> Any:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
