@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
+from broker._sync import run_sync
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
 from broker.media import Audio, AudioChunk, Video
 from broker.money.budget import Accountant, Budget
@@ -43,8 +44,9 @@ class ManagedJob(Job):
     """The manager's job: walks the ranked providers in a background task (or, streaming, as chunks are read)."""
 
     def __init__(self, manager: CloudGPUManager, request: Request, stream: bool, *,
-                 deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None) -> None:
-        super().__init__(manager.name, uuid.uuid4().hex, request)
+                 deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None,
+                 job_id: str | None = None) -> None:
+        super().__init__(manager.name, job_id or uuid.uuid4().hex, request)
         self.report = JobReport(job_id=self.id, task=request.task)
         self.max_usd = max_usd
         self.policy = as_policy(policy) if policy is not None else manager.policy
@@ -440,17 +442,20 @@ class CloudGPUManager(Provider):
 
     # -- running --------------------------------------------------------------------------------
     async def submit(self, request: Request, *, stream: bool = False, deadline_s: float | None = None,
-                     max_usd: float | None = None, policy: Any = None) -> Job:
+                     max_usd: float | None = None, policy: Any = None, job_id: str | None = None) -> Job:
+        """Accept ``request``; ``job_id`` names the job in the ledger and the report (a caller's own id)."""
         request.check_limits(self.settings.limits)
         if not any(p.capabilities.supports(request) is None for p in self.all_providers):
             reasons = "; ".join(f"{p.name}: {p.capabilities.supports(request)}" for p in self.all_providers)
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
                                      + (f" ({reasons})" if reasons else ""))
-        return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy)
+        return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy,
+                          job_id=job_id)
 
     async def arun(self, request: Request, *, timeout: float | None = None, deadline_s: float | None = None,
-                   max_usd: float | None = None, policy: Any = None) -> Output:
-        job = await self.submit(request, deadline_s=deadline_s or timeout, max_usd=max_usd, policy=policy)
+                   max_usd: float | None = None, policy: Any = None, job_id: str | None = None) -> Output:
+        job = await self.submit(request, deadline_s=deadline_s or timeout, max_usd=max_usd, policy=policy,
+                                job_id=job_id)
         try:
             # The job ends itself at its deadline; the margin only guards against a stuck adapter.
             out = await job.result(None if timeout is None else timeout + 5.0)
@@ -463,13 +468,16 @@ class CloudGPUManager(Provider):
         return out
 
     async def agenerate_speech(self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (),
-                               max_length_ms: float | None = None, **options: Any) -> Audio:
+                               max_length_ms: float | None = None, *, return_tensor: bool | None = None,
+                               **options: Any) -> Any:
+        """What ``generate_speech`` returns (a tensor when torch is installed, else ``Audio``), awaited."""
         routing = {k: options.pop(k) for k in _ROUTING_OPTIONS if k in options}
         request = build(SpeechRequest, text=text, speaker=speaker, context=list(context),
                         max_length_ms=max_length_ms, **options)
         out = await self.arun(request, **routing)
         assert isinstance(out, Audio)
-        return out
+        want_tensor = _torch_installed() if return_tensor is None else return_tensor
+        return out.to_torch() if want_tensor else out
 
     async def arender(self, audio: Audio | Any | None = None, *, text: str | None = None,
                       avatar: bytes | None = None, **options: Any) -> Video:
@@ -536,9 +544,8 @@ class CloudGPUManager(Provider):
         ``return_tensor=False`` always returns ``Audio`` (with ``.report``); the last job's report is
         also at ``manager.last_report``. ``deadline_s=``, ``max_usd=`` and ``policy=`` route this call.
         """
-        audio = super().generate_speech(text, speaker, context, max_length_ms, **options)
-        want_tensor = _torch_installed() if return_tensor is None else return_tensor
-        return audio.to_torch() if want_tensor else audio
+        return run_sync(self.agenerate_speech(text, speaker, context, max_length_ms, return_tensor=return_tensor,
+                                              **options))
 
 
 async def _probe(p: Provider) -> HealthReport:
