@@ -162,12 +162,8 @@ def check_engine(engine: str | None) -> None:
 
 
 def _engine_names() -> tuple[str, ...]:
-    from broker import engines
-
-    try:
-        from broker.engines import registry  # type: ignore[attr-defined]  # plugin engines, where installed
-    except ImportError:
-        return tuple(engines.SPEECH_ENGINES)
+    """Every engine this broker knows by name: built-ins and plugins (entry points, engines.plugins)."""
+    from broker.engines import registry
     from broker.settings import Settings
 
     return tuple(registry.names(Settings().engines))
