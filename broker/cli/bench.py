@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from broker.cli.common import atomic_output, err, guarded, interactive, out, print_json
+from broker.cli.common import atomic_output, check_engine, err, guarded, interactive, out, print_json
 
 if TYPE_CHECKING:
     from broker.bench.run import Progress
@@ -79,6 +79,7 @@ def bench(
         from broker.money.ledger import Ledger
         from broker.settings import Settings
 
+        check_engine(engine)
         options = BenchOptions(
             estimate=estimate or not live, live=live,
             providers=_names(providers), hardware=_names(hardware),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import BudgetExceeded, ConfigurationError
+from broker.redact import scrub
 
 SCHEMA_VERSION = 1
 OPEN_STATUSES = ("reserved", "running")
@@ -76,6 +77,11 @@ WHERE status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > 
 """
 
 
+def _note(message: str | None) -> str | None:
+    """What a row keeps of a message: scrubbed of credentials (the ledger outlives any log), 500 chars."""
+    return scrub(message or "")[:500] or None
+
+
 class LedgerBusy(Exception):
     """Another process holds the write lock right now (raised only when asked not to wait)."""
 
@@ -115,8 +121,10 @@ class Ledger:
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
+            self._db.execute("PRAGMA schema_version")  # reads the header: a file that is not a database fails here
         except sqlite3.Error as exc:
-            raise ConfigurationError(f"cannot open the ledger {self.path}: {exc}") from None
+            raise ConfigurationError(f"cannot open the ledger {self.path}: {exc} "
+                                     "(move the file aside, or set ledger.path / BROKER_LEDGER__PATH)") from None
         self._db.row_factory = sqlite3.Row
         with self._lock:
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -230,7 +238,7 @@ class Ledger:
         ended_at: float | None = None,
     ) -> None:
         """Write a finished attempt in one go (used when no budget needed it reserved up front)."""
-        row = (job_id, task, provider, hardware, provider_job_id, status, error_class, (message or "")[:500] or None,
+        row = (job_id, task, provider, hardware, provider_job_id, status, error_class, _note(message),
                reserved_usd, billed_seconds, cost_usd, int(cost_estimated), int(hedge), started_at,
                time.time() if ended_at is None else ended_at)
         with self._lock:
@@ -251,7 +259,7 @@ class Ledger:
         ended_at: float | None = None,
     ) -> None:
         row = (status, provider_job_id, billed_seconds, cost_usd, int(cost_estimated), error_class,
-               (message or "")[:500] or None, time.time() if ended_at is None else ended_at, attempt_id)
+               _note(message), time.time() if ended_at is None else ended_at, attempt_id)
         with self._lock:
             # Until this lands the reservation still counts in full: late is safe, never optimistic.
             self._pending_updates.append(row)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from broker._sync import iterate_sync, run_sync
 from broker.errors import BrokerError, JobCancelled, ProviderTimeout
 from broker.media import Audio, AudioChunk, Video
+from broker.redact import scrub
 from broker.types import RenderRequest, Segment, SpeechRequest, build
 
 Request = SpeechRequest | RenderRequest
@@ -100,6 +101,9 @@ class HealthReport:
     latency_s: float | None = None
     #: provider-specific numbers (workers idle/running, jobs in queue, ...)
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.detail = scrub(self.detail)  # often an upstream's own words, which may echo our headers
 
 
 #: poll intervals: quick at first (short jobs finish fast), then back off to spare rate limits

@@ -26,6 +26,7 @@ from broker.errors import (
     AuthenticationFailed,
     BrokerError,
     ConfigurationError,
+    InvalidRequest,
     JobFailed,
     JobLost,
     NotConfigured,
@@ -102,6 +103,9 @@ def error_for_response(response: httpx.Response, body: bytes, provider: str) -> 
             typed.status_code = status
             typed.retry_after = retry_after
         return typed
+    if status in (400, 422):
+        # The worker refused the request as such (not a broker worker's typed error, but the same meaning).
+        return InvalidRequest("input", f"{provider} refused the job (HTTP {status}){suffix}")
     if status == 404:
         return ProviderUnavailable(f"{where} not found (HTTP 404): is the worker served at this URL?",
                                    provider=provider, retryable=False, status_code=status)

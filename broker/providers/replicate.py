@@ -40,6 +40,7 @@ from broker.errors import (
     AuthenticationFailed,
     BrokerError,
     ConfigurationError,
+    InvalidRequest,
     JobCancelled,
     JobFailed,
     JobLost,
@@ -475,6 +476,9 @@ def http_error(resp: httpx.Response, what: str) -> BrokerError:
     if status == 404:
         return ProviderUnavailable(message + " (is it deployed? `broker deploy replicate`)", provider=NAME,
                                    status_code=status, retryable=False)
+    if status == 422 and what.startswith("create a prediction"):
+        # Cog validated the input against the model's schema and refused it: so would any other provider.
+        return InvalidRequest("input", message)
     if status in (400, 409, 422):
         return JobFailed(message, provider=NAME, status_code=status, retryable=False)
     return ProviderUnavailable(message, provider=NAME, status_code=status)

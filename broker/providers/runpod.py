@@ -214,6 +214,9 @@ class RunPodProvider(Provider):
         if code >= 500:
             raise ProviderUnavailable(f"RunPod failed on {where} (HTTP {code})", provider=self.name,
                                       status_code=code, job_id=job_id)
+        if code in (400, 422) and job_id is None:
+            # RunPod refused the job we submitted as such: no endpoint would take it either.
+            raise InvalidRequest("input", f"RunPod refused the job (HTTP {code}): {_snippet(resp)}")
         if code >= 400:
             raise ProviderError(f"RunPod rejected {where} (HTTP {code}): {_snippet(resp)}", provider=self.name,
                                 retryable=False, status_code=code, job_id=job_id)

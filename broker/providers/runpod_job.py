@@ -78,14 +78,28 @@ class RunPodJob(Job):
             else:
                 self._fail(JobFailed(f"job {self.id} was cancelled on RunPod's side", provider=self.provider,
                                      job_id=self.id), JobState.CANCELLED)
-        elif "executionTime" in data or self.state == JobState.RUNNING:
+        elif ("executionTime" in data or self.state == JobState.RUNNING) and not self._ttl_expired(data):
             self._fail(ProviderTimeout(
                 f"job {self.id} ran past its execution timeout ({self._p.execution_timeout_s:g} s) and RunPod "
                 "stopped it", provider=self.provider, job_id=self.id))
+        elif "executionTime" in data or self.state == JobState.RUNNING:
+            self._fail(ProviderTimeout(
+                f"job {self.id} expired mid-run: it outlived its ttl ({self._ttl_s():g} s, queue and run time "
+                "together), not its execution timeout (TIMED_OUT)", provider=self.provider, job_id=self.id))
         else:
             self._fail(ProviderUnavailable(
-                f"job {self.id} expired in RunPod's queue before a worker took it (TIMED_OUT)",
-                provider=self.provider, job_id=self.id))
+                f"job {self.id} expired in RunPod's queue: its ttl ({self._ttl_s():g} s) passed before a worker "
+                "took it (TIMED_OUT)", provider=self.provider, job_id=self.id))
+
+    def _ttl_s(self) -> float:
+        return self._p.policy()["ttl"] / 1000
+
+    def _ttl_expired(self, data: dict[str, Any]) -> bool:
+        """TIMED_OUT says not which limit was hit: the run time tells (short of executionTimeout = the ttl)."""
+        exec_ms = data.get("executionTime")
+        if not isinstance(exec_ms, int | float):
+            return False
+        return float(exec_ms) / 1000 < self._p.policy()["executionTimeout"] / 1000 * 0.95
 
     def _backfill_running(self, data: dict[str, Any]) -> None:
         # A job that went from queued to done between two polls still spent delayTime queued.
