@@ -138,7 +138,8 @@ class Job(ABC):
         return self._state
 
     def _set_state(self, state: JobState) -> None:
-        if self._state.terminal or state == self._state:
+        # A state we set while giving up on the job (cancel unconfirmed) yields to the provider's later word.
+        if state == self._state or (self._state.terminal and not self.cancel_pending):
             return
         self._state = state
         self.timestamps.setdefault(state.value, time.time())
@@ -225,7 +226,8 @@ class Job(ABC):
                 confirmed = False
                 retry_after = getattr(exc, "retry_after", None)
                 wait = max(delay, retry_after or 0.0)
-            if confirmed or self._state.terminal or (self.expires_at is not None and time.time() >= self.expires_at):
+            # Only the provider's answer (or its own ttl) ends this: a state we set locally confirms nothing.
+            if confirmed or (self.expires_at is not None and time.time() >= self.expires_at):
                 break
             if time.monotonic() + wait > give_up:
                 return False

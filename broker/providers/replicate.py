@@ -108,7 +108,6 @@ class ReplicateJob(Job):
         if "running" not in self.timestamps and prediction.get("started_at"):
             self._set_state(JobState.RUNNING)
         self.billing = self._provider.bill(prediction)
-        self.cancel_pending = False
         if status == "canceled":
             self._fail(JobCancelled(f"prediction {self.id} was cancelled on Replicate"), JobState.CANCELLED)
             return
@@ -121,6 +120,11 @@ class ReplicateJob(Job):
             self._fail(exc, JobState.LOST if isinstance(exc, JobLost) else JobState.FAILED)
             return
         self._succeed(out)
+
+    def _set_state(self, state: JobState) -> None:
+        super()._set_state(state)
+        if state.terminal and getattr(self, "prediction", {}).get("status") in ("succeeded", "failed", "canceled"):
+            self.cancel_pending = False  # Replicate says it is over, whatever we asked
 
     async def _decode(self, output: Any) -> Audio | Video:
         items = output if isinstance(output, list) else [output]

@@ -66,7 +66,12 @@ class RunPodJob(Job):
             return  # IN_QUEUE, or a word we do not know yet: keep polling
         self._backfill_running(data)
         self.billing = self._p.bill(data) or self.billing
-        self.cancel_pending = False  # whatever we asked, RunPod says it is over
+        try:
+            self._apply_end(status, data)
+        finally:
+            self.cancel_pending = False  # whatever we asked, RunPod says it is over
+
+    def _apply_end(self, status: str, data: dict[str, Any]) -> None:
         if status == "COMPLETED":
             try:
                 self._succeed(decode_output(data.get("output"), provider=self.provider))

@@ -134,6 +134,7 @@ class Reconciler:
         bill = bill_of(self.catalog, provider, job)
         self.accountant.settle(reservation, status_of(job), provider_job_id=job.id,
                                message=f"abandoned; {provider.name} confirmed it {job.state.value}", **bill.fields())
+        self.accountant.ledger.flush()  # the reservation is released now, not at the next write
         log.info("%s job %s: cancel confirmed (%s), settled at $%.6f", provider.name, job.id, job.state.value,
                  bill.cost_usd)
 
@@ -177,6 +178,7 @@ class Reconciler:
         reservation = Reservation(int(row["id"]), float(row["reserved_usd"]), capped=True)
         if job is None or provider is None:
             self.accountant.settle(reservation, "lost", message="owner died before the provider returned a job id")
+            self.accountant.ledger.flush()
             report.settled.append(row)
             return
         try:
@@ -194,6 +196,7 @@ class Reconciler:
         self.accountant.settle(reservation, status_of(job), provider_job_id=job_id,
                                message=f"owner pid {row['owner_pid']} died; reconciled ({job.state.value})",
                                **bill.fields())
+        self.accountant.ledger.flush()
         row.update(status=status_of(job), cost_usd=bill.cost_usd)
         report.settled.append(row)
 

@@ -1,0 +1,101 @@
+"""Abandoned jobs are cancelled for sure (issue 11, item 1), against the RunPod emulator.
+
+Seen before the fix: a stuck queue plus 429 on /cancel left 5 of 5 abandoned jobs to run later and
+bill, while the ledger said "failed $0".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from money_support import A100, Worker, manager, rows
+
+from broker.errors import AllProvidersFailed
+from broker.money.ledger import Ledger
+from broker.testing.runpod_emulator import RunPodEmulator
+from broker.types import SpeechRequest
+
+
+@pytest.mark.parametrize("refusal", [429, 503])
+async def test_refused_cancels_stay_cancelling_until_confirmed_and_late_runs_are_billed(
+        tmp_path: Path, refusal: int) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with RunPodEmulator(worker=False, long_poll_s=2) as emu:
+        # Nobody takes jobs (a stuck queue), and RunPod refuses every cancel for now.
+        emu.set_faults(cancel_refusals=100_000, cancel_refusal_status=refusal, retry_after_s=0.05)
+        m = manager(emu, path)
+        outcomes = await asyncio.gather(*(m.arun(SpeechRequest(text="Hello there.")) for _ in range(5)),
+                                        return_exceptions=True)
+        assert all(isinstance(o, AllProvidersFailed) for o in outcomes), outcomes
+        abandoned = rows(path)
+        assert [r["status"] for r in abandoned] == ["cancelling"] * 5  # not "failed $0"
+        assert all(r["provider_job_id"] in emu.state()["jobs"] for r in abandoned)
+        assert m.ledger.spent() >= sum(r["reserved_usd"] for r in abandoned) > 0  # the money is still held
+
+        # The queue moves again before RunPod accepts the cancels: two abandoned jobs run and bill.
+        worker = Worker(emu)
+        ran = [await asyncio.to_thread(worker.take) for _ in range(2)]
+        for job_id in ran:
+            assert job_id is not None
+            await asyncio.to_thread(worker.finish, job_id)
+        emu.set_faults(cancel_refusals=0)
+        assert await m.reconciler.drain(timeout=20)
+        m.ledger.flush()
+
+        state = emu.state()
+        settled = {r["provider_job_id"]: r for r in rows(path)}
+        for job_id, row in settled.items():
+            remote = state["jobs"][job_id]["status"]
+            if job_id in ran:
+                # Billed as RunPod bills it (run + idle timeout, rounded up) — never below. delayTime cannot
+                # tell queueing from a cold start, so up to the catalog's cold start may be counted on top.
+                assert remote == "COMPLETED" and row["status"] == "succeeded"
+                billed = state["billed_seconds"][job_id] * A100.usd_per_second
+                assert billed - 1e-9 <= row["cost_usd"] <= billed + A100.cold_start_s * A100.usd_per_second + 1e-9
+                assert row["cost_usd"] >= 6 * A100.usd_per_second
+            else:
+                assert remote == "CANCELLED" and row["status"] == "cancelled" and row["cost_usd"] == 0
+        assert m.ledger.spent() == pytest.approx(sum(r["cost_usd"] for r in settled.values()))  # nothing held
+        m.ledger.close()
+
+
+async def test_a_cancel_is_asked_again_after_retry_after(tmp_path: Path) -> None:
+    with RunPodEmulator(worker=False, long_poll_s=2) as emu:
+        emu.set_faults(cancel_refusals=2, retry_after_s=0.2)  # two 429s, then accepted
+        m = manager(emu, tmp_path / "l.sqlite", cancel_patience_s=5.0)
+        with pytest.raises(AllProvidersFailed):
+            await m.arun(SpeechRequest(text="Hello there."))
+        m.ledger.flush()
+        (row,) = rows(tmp_path / "l.sqlite")
+        assert row["status"] == "failed" and emu.job(row["provider_job_id"])["status"] == "CANCELLED"
+        assert m.reconciler.pending == 0
+        m.ledger.close()
+
+
+def test_a_v1_ledger_upgrades_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v1.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE attempts (id INTEGER PRIMARY KEY, job_id TEXT NOT NULL, task TEXT, provider TEXT NOT NULL,
+            hardware TEXT, provider_job_id TEXT, status TEXT NOT NULL, error_class TEXT, message TEXT,
+            reserved_usd REAL NOT NULL DEFAULT 0, billed_seconds REAL, cost_usd REAL NOT NULL DEFAULT 0,
+            cost_estimated INTEGER NOT NULL DEFAULT 1, hedge INTEGER NOT NULL DEFAULT 0, started_at REAL NOT NULL,
+            ended_at REAL, expires_at REAL);
+        CREATE INDEX attempts_open ON attempts (started_at) WHERE status IN ('reserved', 'running');
+        INSERT INTO attempts (job_id, provider, status, reserved_usd, cost_usd, started_at)
+            VALUES ('old', 'runpod', 'succeeded', 0.1, 0.05, 1.0);
+    """)
+    db.commit()
+    db.close()
+    for _ in range(2):  # the upgrade is idempotent
+        ledger = Ledger(path)
+        assert ledger._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        (old,) = ledger.attempts()
+        assert old["cost_usd"] == 0.05 and old["owner_pid"] is None and old["unpriced"] == 0
+        ledger.close()
