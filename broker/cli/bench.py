@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from broker.cli.common import atomic_output, err, guarded, interactive, out, print_json
+from broker.cli.common import atomic_output, err, interactive, out, print_json
+from broker.cli.signals import run_job_command
 
 if TYPE_CHECKING:
     from broker.bench.run import Progress
@@ -109,7 +110,7 @@ def bench(
             return
         _print(result)
 
-    guarded(run)
+    run_job_command(run)
 
 
 def _names(text: str | None) -> list[str] | None:

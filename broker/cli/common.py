@@ -42,7 +42,13 @@ def guarded(fn: Callable[[], T]) -> T:
         fail(exc.message, EXIT_FAILED)
     except BrokerError as exc:
         fail(f"{type(exc).__name__}: {exc.message}", EXIT_FAILED)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from broker.cli.signals import EXIT_TERMINATED, Terminated
+        from broker.money.ledger import flush_all
+
+        flush_all()  # attempts settled while stopping reach the file before we exit
+        if isinstance(exc, Terminated):
+            fail("stopped (SIGTERM); running provider jobs were cancelled", EXIT_TERMINATED)
         fail("interrupted", 130)
 
 

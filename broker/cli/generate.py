@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from broker.cli.common import atomic_output, err, fail, guarded, interactive, out, print_json
+from broker.cli.common import atomic_output, err, fail, interactive, out, print_json
+from broker.cli.signals import run_job_command
 from broker.errors import InvalidRequest
 from broker.media import Audio, Video
 from broker.types import RenderRequest, SpeechRequest, build
@@ -86,7 +87,7 @@ def speak(
                 f"{elapsed:.2f} s"
             )
 
-    guarded(run)
+    run_job_command(run)
 
 
 def render(
@@ -141,7 +142,7 @@ def render(
                 f"({video.audio_seconds:.2f} s) · {report.provider if report else '?'} · {elapsed:.2f} s"
             )
 
-    guarded(run)
+    run_job_command(run)
 
 
 def register(app: typer.Typer) -> None:

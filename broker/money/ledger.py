@@ -548,8 +548,8 @@ _LIVE: weakref.WeakSet[Ledger] = weakref.WeakSet()
 
 
 @atexit.register
-def _flush_all() -> None:
-    """Attempts still held in memory reach the file when the interpreter exits normally."""
+def flush_all() -> None:
+    """Write what every open ledger still holds in memory (also run when the interpreter exits)."""
     for ledger in list(_LIVE):
         try:
             ledger.flush()
