@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-
-from broker import wire
-from broker.media import Audio
 from broker.money.ledger import Ledger
 from broker.money.pricing import Catalog, PriceRow
 from broker.providers.runpod import RunPodProvider
 from broker.routing.manager import CloudGPUManager
 from broker.settings import Settings
 from broker.testing.runpod_emulator import RunPodEmulator
+from broker.testing.runpod_scripted import ScriptedWorker
 
 
-class Worker:
-    """Takes and finishes jobs on the emulator's worker queue with the SDK's URLs and auth."""
+class Worker(ScriptedWorker):
+    """The emulator's scripted worker, named for these tests."""
 
     def __init__(self, emu: RunPodEmulator, worker_id: str = "money-1") -> None:
-        env = emu.worker_environment(worker_id)
-        self.take_url = env["RUNPOD_WEBHOOK_GET_JOB"].replace("$ID", worker_id) + "&job_in_progress=0"
-        self.done_url = env["RUNPOD_WEBHOOK_POST_OUTPUT"].replace("$RUNPOD_POD_ID", worker_id)
-        self.headers = {"Authorization": env["RUNPOD_AI_API_KEY"]}
-
-    def take(self) -> str | None:
-        resp = httpx.get(self.take_url, headers=self.headers, timeout=30)
-        return str(resp.json()["id"]) if resp.status_code == 200 else None
-
-    def finish(self, job_id: str) -> None:
-        t = np.arange(12_000) / 24_000
-        audio = Audio((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
-        body = {"output": wire.encode_speech_result(job_id, audio)}
-        url = self.done_url.replace("$ID", job_id) + "&isStream=false"
-        resp = httpx.post(url, content=json.dumps(body), headers={**self.headers,
-                                                                  "Content-Type": "application/x-www-form-urlencoded"})
-        assert resp.status_code == 200
+        super().__init__(emu, worker_id)
 
 
 #: a RunPod A100 row with a short cold start, so emulated cold starts match the catalog's figure
