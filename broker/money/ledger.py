@@ -14,7 +14,6 @@ attempts the ledger holds.
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import sqlite3
@@ -27,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import BudgetExceeded, ConfigurationError
+from broker.money.ledger_threads import HEARTBEAT_S, LIVE, beat, flush_all, flusher
+
+__all__ = ["HEARTBEAT_S", "OPEN_STATUSES", "BudgetFull", "Ledger", "LedgerBusy", "SpendLimit", "flush_all", "owner"]
 
 SCHEMA_VERSION = 2
 #: rows whose reservation still counts: not yet started, waiting on the provider, or cancel unconfirmed
 OPEN_STATUSES = ("reserved", "running", "cancelling")
 _OPEN = "status IN ('reserved', 'running', 'cancelling')"
-#: seconds between heartbeats of a process's open attempts
-HEARTBEAT_S = 15.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -173,7 +173,7 @@ class Ledger:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        _LIVE.add(self)
+        LIVE.add(self)
 
     def __repr__(self) -> str:
         return f"<Ledger {self.path}>"
@@ -364,7 +364,7 @@ class Ledger:
 
     def _start_heartbeat(self) -> None:
         if self._beater is None and self.path != ":memory:":
-            self._beater = threading.Thread(target=_beat, args=(weakref.ref(self), self._stop_beat),
+            self._beater = threading.Thread(target=beat, args=(weakref.ref(self), self._stop_beat),
                                             name="broker-ledger-heartbeat", daemon=True)
             self._beater.start()
 
@@ -373,7 +373,7 @@ class Ledger:
             self._flush_locked()
             return
         if self._flusher is None:
-            self._flusher = threading.Thread(target=_flusher, args=(weakref.ref(self), self._wake,
+            self._flusher = threading.Thread(target=flusher, args=(weakref.ref(self), self._wake,
                                                                      self.write_behind_s),
                                              name="broker-ledger", daemon=True)
             self._flusher.start()
@@ -507,51 +507,4 @@ class Ledger:
             self._db.close()
         self._wake.set()
         self._stop_beat.set()
-        _LIVE.discard(self)
-
-
-def _flusher(ref: weakref.ref[Ledger], wake: threading.Event, delay: float) -> None:
-    """One thread per ledger: when woken, wait ``delay`` for more attempts, then write them together.
-
-    It holds the ledger only weakly and ends when the ledger is closed or collected."""
-    while True:
-        if not wake.wait(timeout=5.0):
-            if ref() is None:
-                return
-            continue
-        time.sleep(delay)
-        wake.clear()
-        ledger = ref()
-        if ledger is None or ledger._closed:
-            return
-        try:
-            ledger.flush()
-        except sqlite3.Error:
-            pass  # a reader or the next reservation will try again
-        del ledger
-
-
-def _beat(ref: weakref.ref[Ledger], stop: threading.Event) -> None:
-    """Every ``HEARTBEAT_S``: refresh this process's open attempts, so no one reconciles them under us."""
-    while not stop.wait(HEARTBEAT_S):
-        ledger = ref()
-        if ledger is None:
-            return
-        try:
-            ledger.heartbeat()
-        except sqlite3.Error:
-            pass  # busy or closed: the next beat tries again
-        del ledger
-
-
-_LIVE: weakref.WeakSet[Ledger] = weakref.WeakSet()
-
-
-@atexit.register
-def flush_all() -> None:
-    """Write what every open ledger still holds in memory (also run when the interpreter exits)."""
-    for ledger in list(_LIVE):
-        try:
-            ledger.flush()
-        except sqlite3.Error:
-            pass
+        LIVE.discard(self)
