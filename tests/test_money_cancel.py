@@ -99,3 +99,62 @@ def test_a_v1_ledger_upgrades_in_place(tmp_path: Path) -> None:
         (old,) = ledger.attempts()
         assert old["cost_usd"] == 0.05 and old["owner_pid"] is None and old["unpriced"] == 0
         ledger.close()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_orphans_are_found_by_dead_pid_or_stale_heartbeat(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from broker.routing.reconcile import pid_alive
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    mine, _ = ledger.open_attempt("j", "runpod", reserved_usd=0.1)
+    dead, _ = ledger.open_attempt("j", "runpod", reserved_usd=0.1)
+    far_fresh, _ = ledger.open_attempt("j", "runpod", reserved_usd=0.1)
+    far_stale, _ = ledger.open_attempt("j", "runpod", reserved_usd=0.1)
+    now = time.time()
+    owners = {dead: (_dead_pid(), socket.gethostname(), now), far_fresh: (1, "elsewhere", now),
+              far_stale: (1, "elsewhere", now - 600)}
+    for aid, (pid, host, beat) in owners.items():
+        ledger._db.execute("UPDATE attempts SET owner_pid = ?, owner_host = ?, heartbeat_at = ? WHERE id = ?",
+                           (pid, host, beat, aid))
+    found = {r["id"] for r in ledger.orphans(stale_s=120, alive=pid_alive)}
+    assert found == {dead, far_stale}  # never our own rows, never a live owner's
+    assert ledger.claim(ledger.attempts()[1]) and not ledger.claim(ledger.attempts()[1] | {"owner_pid": -1})
+    assert mine not in found
+    ledger.close()
+
+
+async def test_the_next_manager_settles_a_dead_process_rows_on_its_own(tmp_path: Path) -> None:
+    from money_support import runpod
+
+    path = tmp_path / "l.sqlite"
+    with RunPodEmulator(worker=False, long_poll_s=2) as emu:
+        # A job a dead process submitted and wrote ahead, reservation still held.
+        rp = runpod(emu, queue_timeout_s=None)
+        job = await rp.submit(SpeechRequest(text="Hello there."))
+        ledger = Ledger(path)
+        aid, _ = ledger.open_attempt("dead-job", "runpod", reserved_usd=0.5)
+        ledger.started(aid, job.id)
+        ledger._db.execute("UPDATE attempts SET owner_pid = ? WHERE id = ?", (_dead_pid(), aid))
+        ledger.close()
+        await rp.aclose()
+
+        m = manager(emu, path)
+        late = await m.submit(SpeechRequest(text="Hello there."))  # any job: opening work reconciles first
+        report = await m.reconciler._sweep  # type: ignore[misc]
+        await late.cancel()
+        assert [r["id"] for r in report.settled] == [aid]
+        assert emu.job(job.id)["status"] == "CANCELLED"
+        (row,) = [r for r in m.ledger.attempts() if r["id"] == aid]
+        assert row["status"] == "cancelled" and m.ledger.spent(job_id="dead-job") == 0
+        m.ledger.close()
