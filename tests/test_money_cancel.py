@@ -158,3 +158,22 @@ async def test_the_next_manager_settles_a_dead_process_rows_on_its_own(tmp_path:
         (row,) = [r for r in m.ledger.attempts() if r["id"] == aid]
         assert row["status"] == "cancelled" and m.ledger.spent(job_id="dead-job") == 0
         m.ledger.close()
+
+
+@pytest.mark.usefixtures("piper_available")
+async def test_replicate_cancel_is_asked_again_through_an_outage() -> None:
+    from broker.types import build
+    from tests.replicate_support import emulator, provider
+
+    with emulator() as server:
+        server.emulator.faults.update(stuck=True)  # no worker: the prediction stays `starting`
+        p = provider(server, wait_s=0, queue_timeout_s=None)
+        job = await p.submit(build(SpeechRequest, text="Nobody will run me."))
+        server.emulator.faults.update(outage=True)  # every call answers 503, the cancel too
+        cancelling = asyncio.ensure_future(job.cancel(patience_s=20))
+        await asyncio.sleep(0.5)  # a few refused cancels
+        assert not cancelling.done() and job.cancel_pending
+        server.emulator.faults.update(outage=False)
+        assert await asyncio.wait_for(cancelling, 20)
+        assert server.emulator.predictions[job.id].status == "canceled" and not job.cancel_pending
+        await p.aclose()
