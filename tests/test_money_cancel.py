@@ -177,3 +177,44 @@ async def test_replicate_cancel_is_asked_again_through_an_outage() -> None:
         assert await asyncio.wait_for(cancelling, 20)
         assert server.emulator.predictions[job.id].status == "canceled" and not job.cancel_pending
         await p.aclose()
+
+
+class RefusingModal:
+    """A ``ModalCalls`` (the provider's SDK seam) whose calls never finish and whose first cancels fail."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.cancelled: list[str] = []
+
+    async def spawn(self, method: str, payload: dict[str, object]) -> str:
+        return f"fc-{len(self.cancelled)}-{method}"
+
+    async def poll(self, call_id: str) -> None:
+        return None  # still running
+
+    async def cancel(self, call_id: str) -> None:
+        from broker.errors import ProviderUnavailable
+
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise ProviderUnavailable("Modal did not answer cancel within 15 s", provider="modal")
+        self.cancelled.append(call_id)
+
+    async def stream(self, method: str, payload: dict[str, object]):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+        yield
+
+    async def describe(self) -> dict[str, object]:
+        return {}
+
+
+async def test_modal_cancel_is_asked_again_until_modal_takes_it() -> None:
+    from broker.providers.modal import ModalProvider
+
+    calls = RefusingModal(refusals=2)
+    provider = ModalProvider(lookup=lambda app, cls: calls)  # type: ignore[arg-type,return-value]
+    job = await provider.submit(SpeechRequest(text="Hello there."))
+    assert await job.cancel(patience_s=5) and calls.cancelled == [job.id]
+    unconfirmed = await provider.submit(SpeechRequest(text="Hello there."))
+    calls.refusals = 100
+    assert not await unconfirmed.cancel(patience_s=0.3) and unconfirmed.cancel_pending
