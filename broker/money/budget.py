@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from broker.money.ledger import BudgetFull, Ledger, LedgerBusy, SpendLimit
 
 #: how often a job waiting for budget room looks again (other processes settle without telling us)
 ROOM_POLL_S = 0.25
 
+T = TypeVar("T")
 DAY_S = 24 * 3600.0
 MONTH_S = 30 * DAY_S
 
@@ -59,6 +61,8 @@ class Reservation:
     #: True when a budget limit bounds this attempt (its running time is then capped by ``usd``)
     capped: bool
     pending: dict[str, Any] = field(default_factory=dict)
+    #: the provider can bill: its row is written the moment it accepts the job
+    write_ahead: bool = False
 
 
 class Accountant:
@@ -88,12 +92,9 @@ class Accountant:
         ``wait_until`` (a ``time.monotonic()`` instant) lets a full budget wait for open reservations to settle."""
         limits = self.budget.limits(job_id, max_usd) if quote_usd > 0 or max_usd is not None else []
         if not limits:
-            if billable:  # nothing to enforce, but the row must exist before the provider can bill
-                aid, usd = self.ledger.open_attempt(job_id, provider, hardware=hardware, task=task,
-                                                    reserved_usd=quote_usd, expires_at=expires_at, hedge=hedge)
-                return Reservation(aid, usd, capped=False)
-            # Nothing can bill: the attempt is written once, when it ends (one write, not two).
-            return Reservation(None, quote_usd, capped=False, pending={
+            # Nothing to enforce: a provider that can bill gets its row once it accepts the job (``started``,
+            # before anyone waits on it); one that cannot is written once, when it ends.
+            return Reservation(None, quote_usd, capped=False, write_ahead=billable, pending={
                 "job_id": job_id, "provider": provider, "hardware": hardware, "task": task, "hedge": hedge,
                 "reserved_usd": quote_usd, "started_at": time.time()})
         while True:
@@ -139,10 +140,16 @@ class Accountant:
             )
         return Reservation(aid, usd, capped=True)
 
-    def started(self, reservation: Reservation, provider_job_id: str) -> None:
+    async def started(self, reservation: Reservation, provider_job_id: str) -> None:
         """The provider accepted the job: its id goes to the ledger before we wait on it."""
         if reservation.attempt_id is not None:
-            self.ledger.started(reservation.attempt_id, provider_job_id)
+            await _off_the_loop_if_busy(self.ledger.started, reservation.attempt_id, provider_job_id)
+        elif reservation.write_ahead:
+            p = reservation.pending
+            reservation.attempt_id, _ = await _off_the_loop_if_busy(
+                self.ledger.open_attempt, p["job_id"], p["provider"], hardware=p["hardware"], task=p["task"],
+                reserved_usd=p["reserved_usd"], hedge=p["hedge"], now=p["started_at"],
+                provider_job_id=provider_job_id)
 
     def cancelling(self, reservation: Reservation, *, provider_job_id: str | None, expires_at: float | None,
                    message: str | None = None) -> None:
@@ -163,3 +170,12 @@ class Accountant:
             self.ledger.close_attempt(reservation.attempt_id, status, **fields)
         if self._settled is not None:
             self._settled.set()
+
+
+async def _off_the_loop_if_busy(write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Write right here when the ledger is free; if another process holds its write lock, wait for it in a
+    worker thread (busy_timeout) rather than on the event loop."""
+    try:
+        return write(*args, wait=False, **kwargs)
+    except LedgerBusy:
+        return await asyncio.to_thread(write, *args, **kwargs)

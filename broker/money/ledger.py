@@ -202,6 +202,7 @@ class Ledger:
         limits: Sequence[SpendLimit] = (),
         now: float | None = None,
         wait: bool = True,
+        provider_job_id: str | None = None,
     ) -> tuple[int, float]:
         """Record an attempt about to start; returns (attempt id, dollars reserved).
 
@@ -212,15 +213,16 @@ class Ledger:
         """
         now = time.time() if now is None else now
         insert = ("INSERT INTO attempts (job_id, task, provider, hardware, status, reserved_usd, hedge, "
-                  "started_at, expires_at, owner_pid, owner_host, heartbeat_at) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                  "started_at, expires_at, owner_pid, owner_host, heartbeat_at, provider_job_id) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         pid, host = owner()
+        status = "reserved" if provider_job_id is None else "running"
         self._start_heartbeat()
         with self._lock:
             if not limits:
-                row = (job_id, task, provider, hardware, "reserved", reserved_usd, int(hedge), now, expires_at,
-                       pid, host, now)
-                cur = self._db.execute(insert, row)
+                row = (job_id, task, provider, hardware, status, reserved_usd, int(hedge), now, expires_at,
+                       pid, host, now, provider_job_id)
+                cur = self._write(insert, row, wait)
                 return int(cur.lastrowid or 0), reserved_usd
             floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
             try:
@@ -248,8 +250,8 @@ class Ledger:
                         )
                     amount = min(amount, headroom)
                 amount = max(amount, floor)
-                row = (job_id, task, provider, hardware, "reserved", amount, int(hedge), now, expires_at,
-                       pid, host, now)
+                row = (job_id, task, provider, hardware, status, amount, int(hedge), now, expires_at,
+                       pid, host, now, provider_job_id)
                 cur = self._db.execute(insert, row)
                 self._db.execute("COMMIT")
                 self._written = ([], [])
@@ -309,11 +311,25 @@ class Ledger:
             self._pending_updates.append(row)
             self._schedule_flush()
 
-    def started(self, attempt_id: int, provider_job_id: str) -> None:
+    def started(self, attempt_id: int, provider_job_id: str, *, wait: bool = True) -> None:
         """Write-ahead: the provider accepted the job; its id is on disk before anyone waits on it."""
         with self._lock:
-            self._db.execute("UPDATE attempts SET status = 'running', provider_job_id = ?, heartbeat_at = ? "
-                             f"WHERE id = ? AND {_OPEN}", (provider_job_id, time.time(), attempt_id))
+            self._write("UPDATE attempts SET status = 'running', provider_job_id = ?, heartbeat_at = ? "
+                        f"WHERE id = ? AND {_OPEN}", (provider_job_id, time.time(), attempt_id), wait)
+
+    def _write(self, sql: str, args: tuple[Any, ...], wait: bool) -> sqlite3.Cursor:
+        """One autocommit statement (under ``_lock``); ``wait=False``: ``LedgerBusy`` if another process writes."""
+        if wait or self.path == ":memory:":  # nobody else can hold an in-memory database's lock
+            return self._db.execute(sql, args)
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.OperationalError as exc:
+            if "lock" in str(exc):
+                raise LedgerBusy(str(exc)) from None
+            raise
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
 
     def mark_cancelling(self, attempt_id: int, *, provider_job_id: str | None, expires_at: float | None,
                         message: str | None = None) -> None:

@@ -156,7 +156,7 @@ class ProviderRun:
                 raise ProviderTimeout(f"{self.name}: submit did not return before the deadline",
                                       provider=self.name) from None
             self.current = job
-            m.accountant.started(reservation, job.id)  # write-ahead: on disk before we wait on it
+            await m.accountant.started(reservation, job.id)  # write-ahead: on disk before we wait on it
             out = await self._watch(job, t0, reservation)
             if m.settings.manager.validate_output:
                 check_output(j.request, out, provider=self.name)
@@ -322,7 +322,7 @@ class ProviderRun:
             async with asyncio.timeout(max(0.0, j.deadline - t0)):
                 job = await self.provider.submit(j.request, stream=True)
             self.current = job
-            m.accountant.started(reservation, job.id)  # write-ahead: on disk before we wait on it
+            await m.accountant.started(reservation, job.id)  # write-ahead: on disk before we wait on it
             chunks = aiter(job.stream())
             while True:
                 # The deadline bounds each wait for the provider, never our consumer's pace (no yield
