@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "broker.cli.workers",  # worker serve
     "broker.cli.bench",  # bench
     "broker.cli.reconcile",  # reconcile
+    "broker.cli.serve",  # serve, serve keys
 )
 
 for _name in _COMMAND_MODULES:
