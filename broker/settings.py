@@ -276,6 +276,12 @@ class ManagerSettings(BaseModel):
     validate_output: bool = True
     #: performance profiles merged over the packaged ones (same columns as broker/data/profiles.csv)
     profiles_path: str | None = None
+    #: how long one try keeps re-asking a provider that refuses a cancel (429/5xx) before it moves on;
+    #: the attempt then stays `cancelling` in the ledger and the manager keeps asking in the background
+    cancel_patience_s: float = Field(default=10.0, ge=0)
+    #: $/hour charged for hardware the price catalog has no row for. None: such a provider's cost is
+    #: unknown, and it is not used while any budget or max_usd is set (`broker quote` says why)
+    unknown_price_usd_per_hour: float | None = Field(default=None, ge=0)
 
     @field_validator("providers", mode="after")
     @classmethod

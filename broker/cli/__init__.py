@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "broker.cli.emulate",  # emulate <provider>
     "broker.cli.workers",  # worker serve
     "broker.cli.bench",  # bench
+    "broker.cli.reconcile",  # reconcile
     "broker.cli.serve",  # serve, serve keys
     "broker.cli.longform",  # jobs
 )

@@ -50,6 +50,12 @@ def guarded(fn: Callable[[], T], *, as_json: bool = False) -> T:
     except BrokerError as exc:
         _failed(exc, f"{type(exc).__name__}: {exc.message}", EXIT_FAILED, as_json)
     except KeyboardInterrupt as exc:
+        from broker.cli.signals import EXIT_TERMINATED, Terminated
+        from broker.money.ledger import flush_all
+
+        flush_all()  # attempts settled while stopping reach the file before we exit
+        if isinstance(exc, Terminated):
+            _failed(exc, "stopped (SIGTERM); running provider jobs were cancelled", EXIT_TERMINATED, as_json)
         _failed(exc, "interrupted", 130, as_json)
 
 

@@ -16,12 +16,12 @@ from broker.cli.common import (
     check_output,
     err,
     fail,
-    guarded,
     interactive,
     out,
     print_json,
     read_input,
 )
+from broker.cli.signals import run_job_command
 from broker.errors import InvalidRequest
 from broker.media import Audio, Video
 from broker.types import RenderRequest, SpeechRequest, build
@@ -111,7 +111,7 @@ def speak(
             return
         _speak_text(text or "", path, output is None, speaker, provider, engine, max_length_ms, as_json)
 
-    guarded(run, as_json=as_json)
+    run_job_command(run, as_json=as_json)
 
 
 #: `broker speak TEXT` longer than this runs as a long job (the same path as --file)
@@ -232,7 +232,7 @@ def render(
                 highlight=False, soft_wrap=True,
             )
 
-    guarded(run, as_json=as_json)
+    run_job_command(run, as_json=as_json)
 
 
 def _where(path: Path, defaulted: bool) -> str:

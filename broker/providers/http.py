@@ -327,6 +327,13 @@ class HTTPJob(BackgroundJob):
     def _charge(self, metrics: dict[str, Any]) -> None:
         self.billing = self._bill(time.monotonic() - self._started, metrics)
 
+    async def _cancel(self) -> bool:
+        # Closing the connection is the worker's "stop": confirmed once the request task has unwound.
+        await super()._cancel()
+        if self.billing is None:
+            self._charge({})
+        return True
+
     async def stream(self) -> AsyncIterator[AudioChunk]:
         if self._chunks is None:
             async for chunk in super().stream():
@@ -430,14 +437,9 @@ class HTTPProvider(Provider):
         return provider
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
-        """Your own machine: the hourly rate you gave, else the catalog's row for its hardware."""
-        from broker.money.pricing import cost_for
-
+        """Your own machine: the hourly rate you gave states the cost; else the money layer prices the seconds."""
         hardware = self.capabilities.hardware
-        if self.usd_per_hour is not None:
-            cost = wall_seconds * self.usd_per_hour / 3600.0
-        else:
-            cost = cost_for(self.kind, hardware, wall_seconds)
+        cost = wall_seconds * self.usd_per_hour / 3600.0 if self.usd_per_hour is not None else None
         run_s = metrics.get("run_s")
         return Billing(
             billed_seconds=wall_seconds,
