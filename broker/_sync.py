@@ -36,35 +36,74 @@ def _shutdown() -> None:
         _loop.call_soon_threadsafe(_loop.stop)
 
 
+#: how long Ctrl-C (or SIGTERM) waits for the cancelled work to unwind: cancel its provider jobs, settle
+#: the ledger. A second interrupt stops waiting.
+UNWIND_S = 30.0
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on the background loop and wait for it; Ctrl-C cancels it there."""
+    """Run ``coro`` on the background loop and wait for it; Ctrl-C cancels it there and waits for it to unwind."""
     loop = _background_loop()
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    started, unwound = threading.Event(), threading.Event()
+
+    async def tracked() -> T:
+        started.set()
+        try:
+            return await coro
+        finally:
+            unwound.set()
+
+    future = asyncio.run_coroutine_threadsafe(tracked(), loop)
     try:
         return future.result()
     except KeyboardInterrupt:
         future.cancel()
+        # The cancelled coroutine is still cancelling its provider jobs on the loop: exiting now would
+        # leave them running remotely (and billing) with nobody to stop them.
+        if started.is_set():
+            unwound.wait(UNWIND_S)
         raise
 
 
 def iterate_sync(agen: AsyncIterator[T]) -> Iterator[T]:
-    """Drive an async iterator from synchronous code, one item at a time."""
+    """Drive an async iterator from synchronous code, one item at a time.
+
+    Ctrl-C (or SIGTERM) while an item is awaited cancels that step on the loop and waits for it to unwind,
+    then closes the iterator: its provider job is cancelled before the process goes on to exit.
+    """
     loop = _background_loop()
     sentinel = object()
+    unwound = threading.Event()
 
     async def _next() -> Any:
+        unwound.clear()
         try:
             return await agen.__anext__()
         except StopAsyncIteration:
             return sentinel
+        finally:
+            unwound.set()
 
+    interrupted = False
     try:
         while True:
-            item = asyncio.run_coroutine_threadsafe(_next(), loop).result()
+            step = asyncio.run_coroutine_threadsafe(_next(), loop)
+            try:
+                item = step.result()
+            except KeyboardInterrupt:
+                interrupted = True
+                step.cancel()
+                unwound.wait(UNWIND_S)
+                raise
             if item is sentinel:
                 return
             yield item
     finally:
         aclose = getattr(agen, "aclose", None)
         if aclose is not None:
-            asyncio.run_coroutine_threadsafe(aclose(), loop).result()
+            closing = asyncio.run_coroutine_threadsafe(aclose(), loop)
+            try:
+                closing.result(UNWIND_S if interrupted else None)
+            except (RuntimeError, TimeoutError):
+                if not interrupted:
+                    raise

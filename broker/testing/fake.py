@@ -104,6 +104,8 @@ def make_output(request: Request, behaviour: str = "ok") -> Audio | Video:
 
 
 class FakeJob(BackgroundJob):
+    request: Request
+
     def __init__(self, provider: FakeProvider, request: Request, behaviour: str, stream: bool) -> None:
         super().__init__(provider.name, f"fake-{uuid.uuid4().hex[:12]}", request)
         self.behaviour = behaviour
