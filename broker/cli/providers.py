@@ -19,13 +19,15 @@ from broker.providers import registry
 
 
 def _history(settings: Any) -> dict[str, dict[str, Any]]:
-    """Circuit state, last error and latency per provider, replayed from the ledger's last day."""
-    from broker.money.ledger import Ledger
+    """Circuit state, last error and latency per provider, replayed from the ledger's last day.
+
+    On a shared (PostgreSQL) store the fleet's live circuit and cooldown state is laid over the replay."""
     from broker.routing.health import BreakerConfig, state_from_history
+    from broker.store import open_shared_health, open_store
 
     ms = settings.manager
     try:
-        ledger = Ledger(settings.ledger.path)
+        ledger = open_store(settings)
     except BrokerError:
         return {}
     try:
@@ -36,7 +38,24 @@ def _history(settings: Any) -> dict[str, dict[str, Any]]:
     for r in rows:
         by_provider.setdefault(r["provider"], []).append(r)
     config = BreakerConfig(ms.breaker_failures, ms.breaker_ejection_s, ms.breaker_max_ejection_s)
-    return {name: state_from_history(rs, config) for name, rs in by_provider.items()}
+    history = {name: state_from_history(rs, config) for name, rs in by_provider.items()}
+    try:
+        shared = open_shared_health(settings)
+    except BrokerError:
+        shared = None
+    if shared is not None:
+        now = time.time()
+        try:
+            for event in shared.current():
+                seen = history.setdefault(event.endpoint, {"state": "closed", "consecutive_failures": 0,
+                                                           "last_error": None, "latency_p50_s": None})
+                if event.kind == "opened" and event.until is not None:
+                    seen["state"] = "open" if event.until > now else "half-open"
+                elif event.kind == "cooldown" and event.until is not None and event.until > now:
+                    seen["cooling_for_s"] = round(event.until - now, 3)
+        finally:
+            shared.close()
+    return history
 
 
 def _describe(name: str, probe: bool, history: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:

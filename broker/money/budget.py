@@ -3,7 +3,7 @@
 An attempt reserves ``quote × reserve_factor`` (shrunk to the headroom left, never below the quote)
 in the ledger before the provider is called; the manager stops the attempt before its running cost
 could pass what was reserved, and settles the reservation to the billed cost when it ends. The
-check and the reservation are one SQLite transaction, taken under an asyncio lock in a worker
+check and the reservation are one store transaction (SQLite or PostgreSQL), taken under an asyncio lock in a worker
 thread, so concurrent jobs in one process and jobs in other processes sharing the ledger file
 never spend past a limit together. ``BudgetExceeded`` is raised before anything is spent.
 """
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.money.ledger import Ledger, LedgerBusy, SpendLimit
+from broker.store.base import LedgerBusy, LedgerStore, SpendLimit
 
 DAY_S = 24 * 3600.0
 MONTH_S = 30 * DAY_S
@@ -58,7 +58,7 @@ class Reservation:
 class Accountant:
     """Opens and settles ledger attempts, enforcing the budget on the way in."""
 
-    def __init__(self, ledger: Ledger, budget: Budget | None = None) -> None:
+    def __init__(self, ledger: LedgerStore, budget: Budget | None = None) -> None:
         self.ledger = ledger
         self.budget = budget or Budget()
         self._lock = asyncio.Lock()

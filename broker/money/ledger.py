@@ -1,5 +1,7 @@
 """The ledger: every attempt at every provider, what it was reserved and what it cost (SQLite).
 
+The embedded backend of ``broker.store`` (``LedgerStore``); ``broker.store.postgres`` is the shared one.
+
 One table, one row per attempt: opened (``reserved``) before the provider is called when a budget
 needs it, closed with its outcome, billed seconds and cost after. Budgets are checked and the
 reservation written in the same ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file
@@ -16,14 +18,13 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from broker.errors import BudgetExceeded, ConfigurationError
+from broker.store.base import LedgerBusy, SpendLimit
 
 SCHEMA_VERSION = 1
-OPEN_STATUSES = ("reserved", "running")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,20 +75,6 @@ _OPEN_SPEND = """
 SELECT COALESCE(SUM(MAX(reserved_usd, cost_usd)), 0) FROM attempts
 WHERE status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > ?) AND started_at >= ?
 """
-
-
-class LedgerBusy(Exception):
-    """Another process holds the write lock right now (raised only when asked not to wait)."""
-
-
-@dataclass(frozen=True)
-class SpendLimit:
-    """A cap on spend: over a rolling window (``window_s``) or for one job (``job_id``)."""
-
-    label: str
-    cap_usd: float
-    window_s: float | None = None
-    job_id: str | None = None
 
 
 class Ledger:

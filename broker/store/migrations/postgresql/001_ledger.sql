@@ -1,0 +1,119 @@
+-- The ledger: one row per attempt, settled spend in minute/hour buckets, live owners, the budget lock.
+-- Columns mirror the SQLite ledger (REAL -> DOUBLE PRECISION, times in Unix seconds) so both backends
+-- return the same rows.
+CREATE TABLE attempts (
+    id BIGSERIAL PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    task TEXT,
+    provider TEXT NOT NULL,
+    hardware TEXT,
+    provider_job_id TEXT,
+    status TEXT NOT NULL,
+    error_class TEXT,
+    message TEXT,
+    reserved_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+    billed_seconds DOUBLE PRECISION,
+    cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+    cost_estimated INTEGER NOT NULL DEFAULT 1,
+    hedge INTEGER NOT NULL DEFAULT 0,
+    started_at DOUBLE PRECISION NOT NULL,
+    ended_at DOUBLE PRECISION,
+    expires_at DOUBLE PRECISION,
+    -- the process that reserved it (owners.owner); its reservation stops counting when it stops beating
+    owner TEXT
+);
+CREATE INDEX attempts_started ON attempts (started_at);
+CREATE INDEX attempts_job ON attempts (job_id);
+CREATE INDEX attempts_open ON attempts (started_at) WHERE status IN ('reserved', 'running');
+
+CREATE TABLE spend_buckets (
+    width INTEGER NOT NULL,
+    start BIGINT NOT NULL,
+    usd DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (width, start)
+);
+
+-- One row per live process; heartbeat_at is refreshed every few seconds by a thread of its own.
+CREATE TABLE owners (
+    owner TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    heartbeat_at DOUBLE PRECISION NOT NULL
+);
+
+-- The budget row: every reservation takes its lock for the length of one short transaction, so the
+-- check and the insert of two processes (on any machine) never interleave.
+CREATE TABLE budget_lock (id INTEGER PRIMARY KEY);
+INSERT INTO budget_lock VALUES (1);
+
+-- Dollars spent and still reserved: over the window starting at p_since (p_window_s NULL: ever), or by
+-- one job. One statement, so one snapshot: a settlement committing meanwhile moves a reservation into
+-- the buckets atomically and is seen either before or after, never half.
+CREATE FUNCTION broker_spent(p_now DOUBLE PRECISION, p_alive_after DOUBLE PRECISION,
+                             p_window_s DOUBLE PRECISION, p_job_id TEXT)
+RETURNS DOUBLE PRECISION LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    -- minute buckets for windows up to two days, hour buckets beyond; the bucket holding the window's
+    -- start counts whole: an early "no", never an overspend
+    w INTEGER := CASE WHEN p_window_s IS NOT NULL AND p_window_s <= 172800 THEN 60 ELSE 3600 END;
+    since DOUBLE PRECISION := COALESCE(p_now - p_window_s, 0);
+    result DOUBLE PRECISION;
+BEGIN
+    IF p_job_id IS NOT NULL THEN
+        SELECT COALESCE(SUM(CASE WHEN a.status IN ('reserved', 'running')
+                                      AND (a.expires_at IS NULL OR a.expires_at > p_now)
+                                      AND (a.owner IS NULL OR EXISTS (SELECT 1 FROM owners o WHERE o.owner = a.owner
+                                                                      AND o.heartbeat_at >= p_alive_after))
+                                 THEN GREATEST(a.reserved_usd, a.cost_usd) ELSE a.cost_usd END), 0)
+        INTO result FROM attempts a WHERE a.job_id = p_job_id;
+        RETURN result;
+    END IF;
+    SELECT (SELECT COALESCE(SUM(b.usd), 0) FROM spend_buckets b
+            WHERE b.width = w AND b.start >= floor(since / w) * w)
+         + (SELECT COALESCE(SUM(GREATEST(a.reserved_usd, a.cost_usd)), 0) FROM attempts a
+            WHERE a.status IN ('reserved', 'running') AND (a.expires_at IS NULL OR a.expires_at > p_now)
+              AND a.started_at >= since
+              AND (a.owner IS NULL OR EXISTS (SELECT 1 FROM owners o WHERE o.owner = a.owner
+                                              AND o.heartbeat_at >= p_alive_after)))
+    INTO result;
+    RETURN result;
+END
+$$;
+
+-- Check every limit and insert the reservation in one transaction under the budget row's lock.
+-- Returns the new attempt's id and amount, or (NULL, 0, i, spent) when limit i (1-based) has no room.
+CREATE FUNCTION broker_reserve(
+    p_job_id TEXT, p_task TEXT, p_provider TEXT, p_hardware TEXT, p_hedge INTEGER,
+    p_wanted DOUBLE PRECISION, p_floor DOUBLE PRECISION, p_expires_at DOUBLE PRECISION, p_owner TEXT,
+    p_now DOUBLE PRECISION, p_alive_after DOUBLE PRECISION,
+    p_caps DOUBLE PRECISION[], p_windows DOUBLE PRECISION[], p_jobs TEXT[], p_nowait BOOLEAN)
+RETURNS TABLE (attempt_id BIGINT, amount DOUBLE PRECISION, failed INTEGER, spent DOUBLE PRECISION)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    i INTEGER;
+    s DOUBLE PRECISION;
+    amt DOUBLE PRECISION := p_wanted;
+    new_id BIGINT;
+BEGIN
+    IF p_nowait THEN
+        PERFORM 1 FROM budget_lock WHERE id = 1 FOR UPDATE NOWAIT;
+    ELSE
+        PERFORM 1 FROM budget_lock WHERE id = 1 FOR UPDATE;
+    END IF;
+    FOR i IN 1 .. COALESCE(array_length(p_caps, 1), 0) LOOP
+        -- a statement after the lock: its snapshot includes every reservation committed before it
+        s := broker_spent(p_now, p_alive_after, p_windows[i], p_jobs[i]);
+        IF p_caps[i] - s + 1e-12 < p_floor THEN
+            RETURN QUERY SELECT NULL::BIGINT, 0::DOUBLE PRECISION, i, s;
+            RETURN;
+        END IF;
+        amt := LEAST(amt, p_caps[i] - s);
+    END LOOP;
+    amt := GREATEST(amt, p_floor);
+    INSERT INTO attempts (job_id, task, provider, hardware, status, reserved_usd, hedge, started_at, expires_at, owner)
+    VALUES (p_job_id, p_task, p_provider, p_hardware, 'reserved', amt, p_hedge, p_now, p_expires_at, p_owner)
+    RETURNING id INTO new_id;
+    RETURN QUERY SELECT new_id, amt, 0, 0::DOUBLE PRECISION;
+END
+$$;
