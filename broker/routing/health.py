@@ -307,9 +307,8 @@ class HealthBoard:
             event = self._inbox.popleft()
             h = self._get(event.endpoint)
             if event.kind == "opened" and event.until is not None:
-                until = self._local(event.until)
-                if until > self.clock():
-                    h.breaker.apply_opened(until, event.ejections)
+                # an ejection already over still leaves the circuit half-open: a trial must close it
+                h.breaker.apply_opened(self._local(event.until), event.ejections)
             elif event.kind == "closed":
                 h.breaker.apply_closed()
             elif event.kind == "cooldown" and event.until is not None:
