@@ -32,14 +32,11 @@ from broker.store.base import OPEN_STATUSES, LedgerBusy, SpendLimit
 from broker.store.migrate import migrate_postgres
 from broker.store.url import StoreURL
 
-_BUCKETS = (60, 3600)
-_INSERT_DONE = (
-    "INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, message, "
-    "reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
-_UPDATE_DONE = (
-    "UPDATE attempts SET status = %s, provider_job_id = COALESCE(%s, provider_job_id), billed_seconds = %s, "
-    "cost_usd = %s, cost_estimated = %s, error_class = %s, message = %s, ended_at = %s WHERE id = %s")
+# finished attempts (record_attempt's 15 columns, close_attempt's 9), as arrays: one call per batch
+_SETTLE = ("SELECT broker_settle(" + ", ".join(
+    f"%s::{t}[]" for t in ("text", "text", "text", "text", "text", "text", "text", "text", "float8", "float8",
+                           "float8", "int4", "int4", "float8", "float8",
+                           "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int8")) + ")")
 _OPEN = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"  # for SQL: ('reserved', 'running')
 
 
@@ -56,7 +53,8 @@ class PostgresLedger:
         self.owner_timeout_s = owner_timeout_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool = open_pool(self.url, max_size=pool_size, timeout_s=connect_timeout_s)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the lists below
+        self._flush_lock = threading.Lock()  # one writer at a time; readers wait for a write in progress
         self._pending: list[tuple[Any, ...]] = []
         self._pending_updates: list[tuple[Any, ...]] = []
         self._closed = False
@@ -144,36 +142,30 @@ class PostgresLedger:
         self._wake.set()
 
     def flush(self) -> None:
-        """Write every attempt still held in memory (one transaction)."""
+        """Write every attempt still held in memory (one call of ``broker_settle``: one transaction).
+
+        Returns once they are written, also when another thread was already writing them."""
+        with self._flush_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         with self._lock:
             inserts, updates = self._pending, self._pending_updates
             self._pending, self._pending_updates = [], []
         if not (inserts or updates) or self._closed:
             return
+        columns = [list(c) for c in zip(*inserts, strict=True)] if inserts else [[] for _ in range(15)]
+        columns += [list(c) for c in zip(*updates, strict=True)] if updates else [[] for _ in range(9)]
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                if inserts:
-                    cur.executemany(_INSERT_DONE, inserts)
-                if updates:
-                    cur.executemany(_UPDATE_DONE, updates)
-                buckets: dict[tuple[int, int], float] = {}
-                for ended, usd in [(r[14], r[10]) for r in inserts] + [(u[7], u[3]) for u in updates]:
-                    if usd:
-                        for width in _BUCKETS:
-                            key = (width, int(ended // width) * width)
-                            buckets[key] = buckets.get(key, 0.0) + usd
-                if buckets:  # sorted: two flushers lock bucket rows in the same order, so never deadlock
-                    cur.executemany(
-                        "INSERT INTO spend_buckets VALUES (%s, %s, %s) "
-                        "ON CONFLICT (width, start) DO UPDATE SET usd = spend_buckets.usd + excluded.usd",
-                        [(w, s, usd) for (w, s), usd in sorted(buckets.items())])
+            with self._pool.connection() as conn:
+                conn.execute(_SETTLE, columns)
         except BaseException:
             with self._lock:  # not written: hold them again, ahead of anything newer
                 self._pending[:0], self._pending_updates[:0] = inserts, updates
             raise
 
     def _flush_quietly(self) -> None:
-        if self._pending or self._pending_updates:
+        if self._pending or self._pending_updates or self._flush_lock.locked():
             self.flush()
 
     # -- owners -----------------------------------------------------------------------------

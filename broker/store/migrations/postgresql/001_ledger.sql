@@ -117,3 +117,40 @@ BEGIN
     RETURN QUERY SELECT new_id, amt, 0, 0::DOUBLE PRECISION;
 END
 $$;
+
+-- Write a batch of finished attempts in one call: new rows (no reservation was needed), settled
+-- reservations, and their cost into the spend buckets — one transaction, one round trip, so the bucket
+-- rows every process adds to are locked only while the server works. Buckets are upserted in key order:
+-- two batches never wait on each other in a cycle.
+CREATE FUNCTION broker_settle(
+    i_job_id TEXT[], i_task TEXT[], i_provider TEXT[], i_hardware TEXT[], i_provider_job_id TEXT[],
+    i_status TEXT[], i_error_class TEXT[], i_message TEXT[], i_reserved_usd DOUBLE PRECISION[],
+    i_billed_seconds DOUBLE PRECISION[], i_cost_usd DOUBLE PRECISION[], i_cost_estimated INTEGER[],
+    i_hedge INTEGER[], i_started_at DOUBLE PRECISION[], i_ended_at DOUBLE PRECISION[],
+    u_status TEXT[], u_provider_job_id TEXT[], u_billed_seconds DOUBLE PRECISION[], u_cost_usd DOUBLE PRECISION[],
+    u_cost_estimated INTEGER[], u_error_class TEXT[], u_message TEXT[], u_ended_at DOUBLE PRECISION[],
+    u_id BIGINT[])
+RETURNS VOID LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, message,
+                          reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at)
+    SELECT * FROM unnest(i_job_id, i_task, i_provider, i_hardware, i_provider_job_id, i_status, i_error_class,
+                         i_message, i_reserved_usd, i_billed_seconds, i_cost_usd, i_cost_estimated, i_hedge,
+                         i_started_at, i_ended_at);
+    UPDATE attempts a SET status = u.status, provider_job_id = COALESCE(u.provider_job_id, a.provider_job_id),
+           billed_seconds = u.billed_seconds, cost_usd = u.cost_usd, cost_estimated = u.cost_estimated,
+           error_class = u.error_class, message = u.message, ended_at = u.ended_at
+    FROM unnest(u_status, u_provider_job_id, u_billed_seconds, u_cost_usd, u_cost_estimated, u_error_class,
+                u_message, u_ended_at, u_id)
+         AS u(status, provider_job_id, billed_seconds, cost_usd, cost_estimated, error_class, message, ended_at, id)
+    WHERE a.id = u.id;
+    INSERT INTO spend_buckets (width, start, usd)
+    SELECT w.width, (floor(s.ended / w.width) * w.width)::BIGINT AS start, SUM(s.usd)
+    FROM (SELECT * FROM unnest(i_ended_at, i_cost_usd) AS x(ended, usd)
+          UNION ALL SELECT * FROM unnest(u_ended_at, u_cost_usd) AS y(ended, usd)) s
+    CROSS JOIN (VALUES (60), (3600)) AS w(width)
+    WHERE s.usd <> 0
+    GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (width, start) DO UPDATE SET usd = spend_buckets.usd + excluded.usd;
+END
+$$;
