@@ -37,6 +37,9 @@ _SETTLE = ("SELECT broker_settle(" + ", ".join(
     f"%s::{t}[]" for t in ("text", "text", "text", "text", "text", "text", "text", "text", "float8", "float8",
                            "float8", "int4", "int4", "float8", "float8",
                            "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int8")) + ")")
+_RESERVE_ARGS = ("%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s")
+_RESERVE = f"SELECT * FROM broker_reserve({_RESERVE_ARGS})"
+_SETTLE_RESERVE = f"SELECT * FROM broker_settle_reserve({_SETTLE[len('SELECT broker_settle('):-1]}, {_RESERVE_ARGS})"
 _OPEN = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"  # for SQL: ('reserved', 'running')
 
 
@@ -85,18 +88,24 @@ class PostgresLedger:
                      now: float | None = None, wait: bool = True) -> tuple[int, float]:
         now = time.time() if now is None else now
         floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
-        if limits:
-            self._flush_quietly()  # our own finished attempts count before we check (theirs are already in)
         args = (job_id, task, provider, hardware, int(hedge), reserved_usd, floor, expires_at, self.owner, now,
                 now - self.owner_timeout_s, [lim.cap_usd for lim in limits],
                 [lim.window_s for lim in limits], [lim.job_id for lim in limits], not wait)
-        try:
-            with self._pool.connection() as conn:
-                row = conn.execute(
-                    "SELECT * FROM broker_reserve(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-                    "%s::float8[], %s::float8[], %s::text[], %s)", args).fetchone()
-        except pg_errors.LockNotAvailable as exc:
-            raise LedgerBusy(str(exc)) from None
+        with self._flush_lock:
+            # our own finished attempts go first, in the same transaction and round trip: they count
+            batch = self._take() if limits else None
+            try:
+                with self._pool.connection() as conn:
+                    if batch:
+                        row = conn.execute(_SETTLE_RESERVE, [*batch[2], *args]).fetchone()
+                    else:
+                        row = conn.execute(_RESERVE, args).fetchone()
+            except BaseException as exc:
+                if batch:
+                    self._requeue(batch)
+                if isinstance(exc, pg_errors.LockNotAvailable):
+                    raise LedgerBusy(str(exc)) from None
+                raise
         assert row is not None
         attempt_id, amount, failed, spent = row
         if attempt_id is None:
@@ -149,20 +158,31 @@ class PostgresLedger:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
+        batch = self._take()
+        if not batch or self._closed:
+            return
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(_SETTLE, batch[2])
+        except BaseException:
+            self._requeue(batch)
+            raise
+
+    def _take(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[list[Any]]] | None:
+        """Hand over the held attempts as broker_settle's column arrays (None when there are none)."""
         with self._lock:
             inserts, updates = self._pending, self._pending_updates
             self._pending, self._pending_updates = [], []
-        if not (inserts or updates) or self._closed:
-            return
+        if not (inserts or updates):
+            return None
         columns = [list(c) for c in zip(*inserts, strict=True)] if inserts else [[] for _ in range(15)]
         columns += [list(c) for c in zip(*updates, strict=True)] if updates else [[] for _ in range(9)]
-        try:
-            with self._pool.connection() as conn:
-                conn.execute(_SETTLE, columns)
-        except BaseException:
-            with self._lock:  # not written: hold them again, ahead of anything newer
-                self._pending[:0], self._pending_updates[:0] = inserts, updates
-            raise
+        return inserts, updates, columns
+
+    def _requeue(self, batch: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[list[Any]]]) -> None:
+        """Not written: hold them again, ahead of anything newer."""
+        with self._lock:
+            self._pending[:0], self._pending_updates[:0] = batch[0], batch[1]
 
     def _flush_quietly(self) -> None:
         if self._pending or self._pending_updates or self._flush_lock.locked():

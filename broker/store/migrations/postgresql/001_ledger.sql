@@ -131,19 +131,21 @@ CREATE FUNCTION broker_settle(
     u_cost_estimated INTEGER[], u_error_class TEXT[], u_message TEXT[], u_ended_at DOUBLE PRECISION[],
     u_id BIGINT[])
 RETURNS VOID LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    i INTEGER;
 BEGIN
     INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, message,
                           reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at)
     SELECT * FROM unnest(i_job_id, i_task, i_provider, i_hardware, i_provider_job_id, i_status, i_error_class,
                          i_message, i_reserved_usd, i_billed_seconds, i_cost_usd, i_cost_estimated, i_hedge,
                          i_started_at, i_ended_at);
-    UPDATE attempts a SET status = u.status, provider_job_id = COALESCE(u.provider_job_id, a.provider_job_id),
-           billed_seconds = u.billed_seconds, cost_usd = u.cost_usd, cost_estimated = u.cost_estimated,
-           error_class = u.error_class, message = u.message, ended_at = u.ended_at
-    FROM unnest(u_status, u_provider_job_id, u_billed_seconds, u_cost_usd, u_cost_estimated, u_error_class,
-                u_message, u_ended_at, u_id)
-         AS u(status, provider_job_id, billed_seconds, cost_usd, cost_estimated, error_class, message, ended_at, id)
-    WHERE a.id = u.id;
+    -- one indexed update per row (a join against unnest() would be planned as a scan of the whole table)
+    FOR i IN 1 .. COALESCE(array_length(u_id, 1), 0) LOOP
+        UPDATE attempts SET status = u_status[i], provider_job_id = COALESCE(u_provider_job_id[i], provider_job_id),
+               billed_seconds = u_billed_seconds[i], cost_usd = u_cost_usd[i], cost_estimated = u_cost_estimated[i],
+               error_class = u_error_class[i], message = u_message[i], ended_at = u_ended_at[i]
+        WHERE id = u_id[i];
+    END LOOP;
     INSERT INTO spend_buckets (width, start, usd)
     SELECT w.width, (floor(s.ended / w.width) * w.width)::BIGINT AS start, SUM(s.usd)
     FROM (SELECT * FROM unnest(i_ended_at, i_cost_usd) AS x(ended, usd)
@@ -152,5 +154,32 @@ BEGIN
     WHERE s.usd <> 0
     GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (width, start) DO UPDATE SET usd = spend_buckets.usd + excluded.usd;
+END
+$$;
+
+-- A reservation that also writes the caller's finished attempts first, in the same transaction and the
+-- same round trip (all or nothing: if the budget lock is busy, neither happens).
+CREATE FUNCTION broker_settle_reserve(
+    i_job_id TEXT[], i_task TEXT[], i_provider TEXT[], i_hardware TEXT[], i_provider_job_id TEXT[],
+    i_status TEXT[], i_error_class TEXT[], i_message TEXT[], i_reserved_usd DOUBLE PRECISION[],
+    i_billed_seconds DOUBLE PRECISION[], i_cost_usd DOUBLE PRECISION[], i_cost_estimated INTEGER[],
+    i_hedge INTEGER[], i_started_at DOUBLE PRECISION[], i_ended_at DOUBLE PRECISION[],
+    u_status TEXT[], u_provider_job_id TEXT[], u_billed_seconds DOUBLE PRECISION[], u_cost_usd DOUBLE PRECISION[],
+    u_cost_estimated INTEGER[], u_error_class TEXT[], u_message TEXT[], u_ended_at DOUBLE PRECISION[],
+    u_id BIGINT[],
+    p_job_id TEXT, p_task TEXT, p_provider TEXT, p_hardware TEXT, p_hedge INTEGER,
+    p_wanted DOUBLE PRECISION, p_floor DOUBLE PRECISION, p_expires_at DOUBLE PRECISION, p_owner TEXT,
+    p_now DOUBLE PRECISION, p_alive_after DOUBLE PRECISION,
+    p_caps DOUBLE PRECISION[], p_windows DOUBLE PRECISION[], p_jobs TEXT[], p_nowait BOOLEAN)
+RETURNS TABLE (attempt_id BIGINT, amount DOUBLE PRECISION, failed INTEGER, spent DOUBLE PRECISION)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM broker_settle(i_job_id, i_task, i_provider, i_hardware, i_provider_job_id, i_status, i_error_class,
+                          i_message, i_reserved_usd, i_billed_seconds, i_cost_usd, i_cost_estimated, i_hedge,
+                          i_started_at, i_ended_at, u_status, u_provider_job_id, u_billed_seconds, u_cost_usd,
+                          u_cost_estimated, u_error_class, u_message, u_ended_at, u_id);
+    RETURN QUERY SELECT * FROM broker_reserve(p_job_id, p_task, p_provider, p_hardware, p_hedge, p_wanted, p_floor,
+                                              p_expires_at, p_owner, p_now, p_alive_after, p_caps, p_windows,
+                                              p_jobs, p_nowait);
 END
 $$;
