@@ -84,8 +84,9 @@ class Accountant:
         wanted = quote_usd * self.budget.reserve_factor
         kwargs = dict(hardware=hardware, task=task, reserved_usd=wanted, min_reserved_usd=quote_usd,
                       expires_at=expires_at, hedge=hedge, limits=limits)
-        if not self._lock.locked():
-            # Usually nobody else is writing: reserve right here, without a thread hop.
+        if not self.ledger.remote and not self._lock.locked():
+            # Usually nobody else is writing: reserve right here, without a thread hop (never for a
+            # remote store: its round trip would stall every other job on the loop).
             try:
                 aid, usd = self.ledger.open_attempt(job_id, provider, now=time.time(), wait=False,
                                                     **kwargs)  # type: ignore[arg-type]

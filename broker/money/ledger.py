@@ -78,6 +78,9 @@ WHERE status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > 
 
 
 class Ledger:
+    #: embedded: a reservation takes microseconds, so the accountant may make it on the event loop
+    remote = False
+
     def __init__(self, path: str | Path = ":memory:", *, busy_timeout_s: float = 30.0,
                  write_behind_s: float = 0.05) -> None:
         self.path = str(path)

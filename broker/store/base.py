@@ -34,6 +34,10 @@ class SpendLimit:
 class LedgerStore(Protocol):
     """Every attempt at every endpoint: reserved before dispatch, settled after, summed for budgets."""
 
+    #: a reservation is a network round trip (PostgreSQL): callers on an event loop run it in a thread
+    #: rather than block the loop; False for an embedded store whose calls take microseconds
+    remote: bool
+
     def open_attempt(self, job_id: str, provider: str, *, hardware: str | None = None, task: str | None = None,
                      reserved_usd: float = 0.0, min_reserved_usd: float | None = None,
                      expires_at: float | None = None, hedge: bool = False, limits: Sequence[SpendLimit] = (),

@@ -46,6 +46,8 @@ _OPEN = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"  # for SQL: ('res
 class PostgresLedger:
     """``LedgerStore`` on PostgreSQL (psycopg 3, a small connection pool)."""
 
+    remote = True
+
     def __init__(self, url: str | StoreURL, *, write_behind_s: float = 0.05, heartbeat_s: float = 5.0,
                  owner_timeout_s: float = 30.0, pool_size: int = 4, connect_timeout_s: float = 10.0) -> None:
         self.url = url if isinstance(url, StoreURL) else StoreURL.parse(url)
