@@ -65,6 +65,8 @@ def _describe(name: str, probe: bool, history: dict[str, dict[str, Any]] | None 
     seen = (history or {}).get(name)
     if seen:
         row.update(circuit=seen["state"], last_error=seen["last_error"], latency_p50_s=seen["latency_p50_s"])
+        if seen.get("cooling_for_s"):
+            row["cooling_for_s"] = seen["cooling_for_s"]  # a 429's Retry-After, shared by the fleet
     try:
         registry.provider_class(name)
         row["installed"] = True
