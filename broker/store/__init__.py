@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from broker.errors import ConfigurationError
-from broker.store.base import HealthEvent, LedgerBusy, LedgerStore, SharedHealth, SpendLimit
+from broker.store.base import BudgetFull, HealthEvent, LedgerBusy, LedgerStore, SharedHealth, SpendLimit
 from broker.store.url import StoreURL, redact
 
 if TYPE_CHECKING:
@@ -64,5 +64,5 @@ def open_shared_health(settings_or_url: Settings | StoreURL | str) -> SharedHeal
     return PostgresHealth(url)
 
 
-__all__ = ["HealthEvent", "LedgerBusy", "LedgerStore", "SharedHealth", "SpendLimit", "StoreURL", "open_shared_health",
-           "open_store", "redact", "store_url"]
+__all__ = ["BudgetFull", "HealthEvent", "LedgerBusy", "LedgerStore", "SharedHealth", "SpendLimit", "StoreURL",
+           "open_shared_health", "open_store", "redact", "store_url"]

@@ -12,12 +12,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-#: attempt statuses that still hold a reservation against the budget
-OPEN_STATUSES = ("reserved", "running")
+from broker.errors import BudgetExceeded
+
+#: attempt statuses that still hold a reservation: not yet started, waiting on the provider, or abandoned
+#: with its cancel not yet confirmed
+OPEN_STATUSES = ("reserved", "running", "cancelling")
 
 
 class LedgerBusy(Exception):
     """Another process holds the budget lock right now (raised only when asked not to wait)."""
+
+
+class BudgetFull(BudgetExceeded):
+    """A limit has no room for this attempt. ``waitable``: settled spend alone leaves room, so the
+    attempt fits once open reservations settle (the caller may wait for that, within its deadline)."""
+
+    def __init__(self, waitable: bool, message: str) -> None:
+        super().__init__(message)
+        self.waitable = waitable
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -27,17 +27,17 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from broker.errors import BudgetExceeded, ConfigurationError
-from broker.store.base import OPEN_STATUSES, LedgerBusy, SpendLimit
+from broker.errors import ConfigurationError
+from broker.store.base import OPEN_STATUSES, BudgetFull, LedgerBusy, SpendLimit
 from broker.store.migrate import migrate_postgres
 from broker.store.url import StoreURL
 
-# finished attempts (record_attempt's 15 columns, close_attempt's 9), as arrays: one call per batch
+# finished attempts (record_attempt's 16 columns, close_attempt's 10), as arrays: one call per batch
 _SETTLE = ("SELECT broker_settle(" + ", ".join(
     f"%s::{t}[]" for t in ("text", "text", "text", "text", "text", "text", "text", "text", "float8", "float8",
-                           "float8", "int4", "int4", "float8", "float8",
-                           "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int8")) + ")")
-_RESERVE_ARGS = ("%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s")
+                           "float8", "int4", "int4", "float8", "float8", "int4",
+                           "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int4", "int8")) + ")")
+_RESERVE_ARGS = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s, %s, %s"
 _RESERVE = f"SELECT * FROM broker_reserve({_RESERVE_ARGS})"
 _SETTLE_RESERVE = f"SELECT * FROM broker_settle_reserve({_SETTLE[len('SELECT broker_settle('):-1]}, {_RESERVE_ARGS})"
 _OPEN = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"  # for SQL: ('reserved', 'running')
@@ -56,7 +56,8 @@ class PostgresLedger:
         self.write_behind_s = write_behind_s
         self.heartbeat_s = heartbeat_s
         self.owner_timeout_s = owner_timeout_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pool = open_pool(self.url, max_size=pool_size, timeout_s=connect_timeout_s)
         self._lock = threading.Lock()  # guards the lists below
         self._flush_lock = threading.Lock()  # one writer at a time; readers wait for a write in progress
@@ -69,7 +70,7 @@ class PostgresLedger:
         now = time.time()
         with self._pool.connection() as conn:
             conn.execute("INSERT INTO owners VALUES (%s, %s, %s, %s, %s)",
-                         (self.owner, socket.gethostname(), os.getpid(), now, now))
+                         (self.owner, self.host, os.getpid(), now, now))
         self._beater = threading.Thread(target=_beat, args=(weakref.ref(self), self._stop, heartbeat_s),
                                         name="broker-store-heartbeat", daemon=True)
         self._beater.start()
@@ -92,7 +93,7 @@ class PostgresLedger:
         floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
         args = (job_id, task, provider, hardware, int(hedge), reserved_usd, floor, expires_at, self.owner, now,
                 now - self.owner_timeout_s, [lim.cap_usd for lim in limits],
-                [lim.window_s for lim in limits], [lim.job_id for lim in limits], not wait)
+                [lim.window_s for lim in limits], [lim.job_id for lim in limits], not wait, os.getpid(), self.host)
         with self._flush_lock:
             # our own finished attempts go first, in the same transaction and round trip: they count
             batch = self._take() if limits else None
@@ -109,10 +110,11 @@ class PostgresLedger:
                     raise LedgerBusy(str(exc)) from None
                 raise
         assert row is not None
-        attempt_id, amount, failed, spent = row
+        attempt_id, amount, failed, spent, settled = row
         if attempt_id is None:
             limit = limits[failed - 1]
-            raise BudgetExceeded(
+            raise BudgetFull(
+                limit.cap_usd - settled + 1e-12 >= floor,
                 f"{limit.label}: ${spent:.6f} already spent or reserved; this attempt needs "
                 f"${floor:.6f} more and the limit is ${limit.cap_usd:g}")
         return int(attempt_id), float(amount)
@@ -121,10 +123,10 @@ class PostgresLedger:
                        task: str | None = None, hedge: bool = False, reserved_usd: float = 0.0, started_at: float,
                        provider_job_id: str | None = None, billed_seconds: float | None = None,
                        cost_usd: float = 0.0, cost_estimated: bool = True, error_class: str | None = None,
-                       message: str | None = None, ended_at: float | None = None) -> None:
+                       message: str | None = None, ended_at: float | None = None, unpriced: bool = False) -> None:
         row = (job_id, task, provider, hardware, provider_job_id, status, error_class, (message or "")[:500] or None,
                reserved_usd, billed_seconds, cost_usd, int(cost_estimated), int(hedge), started_at,
-               time.time() if ended_at is None else ended_at)
+               time.time() if ended_at is None else ended_at, int(unpriced))
         with self._lock:
             self._pending.append(row)
         self._schedule_flush()
@@ -132,9 +134,10 @@ class PostgresLedger:
     def close_attempt(self, attempt_id: int, status: str, *, provider_job_id: str | None = None,
                       billed_seconds: float | None = None, cost_usd: float = 0.0, cost_estimated: bool = True,
                       error_class: str | None = None, message: str | None = None,
-                      ended_at: float | None = None) -> None:
+                      ended_at: float | None = None, unpriced: bool = False) -> None:
         row = (status, provider_job_id, billed_seconds, cost_usd, int(cost_estimated), error_class,
-               (message or "")[:500] or None, time.time() if ended_at is None else ended_at, attempt_id)
+               (message or "")[:500] or None, time.time() if ended_at is None else ended_at, int(unpriced),
+               attempt_id)
         with self._lock:
             # Until this lands the reservation still counts in full: late is safe, never optimistic.
             self._pending_updates.append(row)
@@ -177,8 +180,8 @@ class PostgresLedger:
             self._pending, self._pending_updates = [], []
         if not (inserts or updates):
             return None
-        columns = [list(c) for c in zip(*inserts, strict=True)] if inserts else [[] for _ in range(15)]
-        columns += [list(c) for c in zip(*updates, strict=True)] if updates else [[] for _ in range(9)]
+        columns = [list(c) for c in zip(*inserts, strict=True)] if inserts else [[] for _ in range(16)]
+        columns += [list(c) for c in zip(*updates, strict=True)] if updates else [[] for _ in range(10)]
         return inserts, updates, columns
 
     def _requeue(self, batch: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[list[Any]]]) -> None:
@@ -190,27 +193,75 @@ class PostgresLedger:
         if self._pending or self._pending_updates or self._flush_lock.locked():
             self.flush()
 
-    # -- owners -----------------------------------------------------------------------------
-    def heartbeat(self, now: float | None = None) -> None:
-        """Tell the fleet this process is alive (its reservations keep counting)."""
+    # -- the provider's job, and owners ------------------------------------------------------
+    def started(self, attempt_id: int, provider_job_id: str) -> None:
+        """Write-ahead: the provider accepted the job; its id is stored before anyone waits on it."""
+        with self._pool.connection() as conn:
+            conn.execute(f"UPDATE attempts SET status = 'running', provider_job_id = %s, heartbeat_at = %s "
+                         f"WHERE id = %s AND status IN {_OPEN}", (provider_job_id, time.time(), attempt_id))
+
+    def mark_cancelling(self, attempt_id: int, *, provider_job_id: str | None, expires_at: float | None,
+                        message: str | None = None) -> None:
+        """Abandoned, cancel unconfirmed: keep the reservation (until ``expires_at``; None: until settled)."""
+        with self._pool.connection() as conn:
+            conn.execute(f"UPDATE attempts SET status = 'cancelling', provider_job_id = COALESCE(%s, provider_job_id), "
+                         f"expires_at = %s, message = %s, heartbeat_at = %s WHERE id = %s AND status IN {_OPEN}",
+                         (provider_job_id, expires_at, (message or "")[:500] or None, time.time(), attempt_id))
+
+    def heartbeat(self, now: float | None = None) -> int:
+        """Tell the fleet this process is alive (its reservations keep counting); returns its open attempts."""
         now = time.time() if now is None else now
         with self._pool.connection() as conn:
             conn.execute("INSERT INTO owners VALUES (%s, %s, %s, %s, %s) "
                          "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                         (self.owner, socket.gethostname(), os.getpid(), now, now))
+                         (self.owner, self.host, os.getpid(), now, now))
+            row = conn.execute(f"UPDATE attempts SET heartbeat_at = %s WHERE owner = %s AND status IN {_OPEN}",
+                               (now, self.owner))
+            return row.rowcount
+
+    def orphans(self, *, stale_s: float, alive: Callable[[int], bool], now: float | None = None
+                ) -> list[dict[str, Any]]:
+        """Open attempts whose owner is gone: a dead pid on this host, or no heartbeat for ``stale_s``."""
+        now = time.time() if now is None else now
+        self._flush_quietly()
+        with self._pool.connection() as conn:
+            rows = conn.cursor(row_factory=dict_row).execute(
+                f"SELECT a.*, GREATEST(a.heartbeat_at, o.heartbeat_at) AS beat FROM attempts a "
+                f"LEFT JOIN owners o ON o.owner = a.owner WHERE a.status IN {_OPEN} ORDER BY a.id").fetchall()
+        out = []
+        for r in rows:
+            beat = r.pop("beat") or r["started_at"]
+            if r["owner"] == self.owner:
+                continue
+            pid = r["owner_pid"]
+            if (r["owner_host"] == self.host and pid is not None and pid != os.getpid() and not alive(int(pid))) \
+                    or now - beat > stale_s:
+                out.append(r)
+        return out
+
+    def claim(self, row: dict[str, Any]) -> bool:
+        """Take over an orphaned open attempt; False if another process claimed it first."""
+        with self._pool.connection() as conn:
+            cur = conn.execute(
+                f"UPDATE attempts SET owner = %s, owner_pid = %s, owner_host = %s, heartbeat_at = %s "
+                f"WHERE id = %s AND owner IS NOT DISTINCT FROM %s AND status IN {_OPEN}",
+                (self.owner, os.getpid(), self.host, time.time(), row["id"], row["owner"]))
+            return cur.rowcount == 1
 
     def release_dead(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Mark the open attempts of owners silent past ``owner_timeout_s`` ``orphaned``; returns them.
+        """Close ``lost`` at $0 the open attempts of owners silent past ``owner_timeout_s`` that never
+        reached a provider (no provider job id: nothing can bill); returns them.
 
-        Their reservations already stopped counting when the heartbeat went stale; this makes it visible
-        and hands the rows (with ``provider_job_id``) to reconciliation."""
+        Their reservations already stopped counting when the heartbeat went stale; this makes it visible.
+        Rows with a provider job id keep their reservation until reconciliation (``orphans``/``claim``)
+        asks the provider and settles them: the job may still be running, and billing."""
         now = time.time() if now is None else now
         with self._pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             rows = cur.execute(
-                f"UPDATE attempts a SET status = 'orphaned', ended_at = %s, "
-                f"message = 'its process stopped beating (owner ' || a.owner || ')' "
-                f"WHERE a.status IN {_OPEN} AND a.owner IS NOT NULL AND NOT EXISTS "
+                f"UPDATE attempts a SET status = 'lost', ended_at = %s, "
+                f"message = 'its process stopped beating before the provider took the job (owner ' || a.owner || ')' "
+                f"WHERE a.status IN {_OPEN} AND a.owner IS NOT NULL AND a.provider_job_id IS NULL AND NOT EXISTS "
                 f"(SELECT 1 FROM owners o WHERE o.owner = a.owner AND o.heartbeat_at >= %s) RETURNING a.*",
                 (now, now - self.owner_timeout_s)).fetchall()
             cur.execute(f"DELETE FROM owners o WHERE o.heartbeat_at < %s AND NOT EXISTS "
