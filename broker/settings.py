@@ -156,13 +156,26 @@ class HTTPWorkerSettings(BaseModel):
     """A self-hosted `broker worker serve` (provider name: http)."""
 
     url: str | None = None
+    #: several workers (a pool): each job goes to the one with the shortest /ready queue, and fails
+    #: over to the others first; ``url`` (if set) is the pool's first member
+    urls: list[str] = Field(default_factory=list)
     api_key: SecretStr | None = None
     hardware: str = "cpu"
-    #: $/hour of the machine it runs on, for quotes (a rented VM is paid by the hour)
+    #: $/hour of one machine it runs on, for quotes (a rented VM is paid by the hour)
     usd_per_hour: float | None = None
+    #: machines kept running all month (each billed usd_per_hour, 24 h a day) in `broker bench --volume`;
+    #: None = one per configured URL (a load balancer's single URL counts as one: say how many are behind it)
+    machines: int | None = Field(default=None, ge=0)
     connect_timeout_s: float = 5.0
     #: read timeout of one job request: the longest job this worker is expected to run
     request_timeout_s: float = 900.0
+
+    @property
+    def always_on_machines(self) -> int:
+        """Machines billed around the clock: ``machines``, else one per configured URL."""
+        if self.machines is not None:
+            return self.machines
+        return len(dict.fromkeys([*([self.url] if self.url else []), *self.urls]))
 
 
 class ManagerSettings(BaseModel):

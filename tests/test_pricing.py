@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.money import pricing
 from broker.errors import ConfigurationError
+from broker.money import pricing
 from broker.money.pricing import Catalog, PriceRow, cost_for, parse_prices, quote_for, speech_audio_seconds
 from broker.settings import Settings
 from broker.testing.fake import FakeProvider

@@ -24,6 +24,8 @@ KEEP_WARM_SETTINGS: dict[str, tuple[str, str | None]] = {
     "runpod": ("workers_min", "idle_timeout_s"),
     "modal": ("min_containers", "scaledown_window_s"),
     "replicate": ("min_instances", None),
+    # self-hosted machines are rented by the hour and stay up: each one bills 24 h a day
+    "http": ("always_on_machines", None),
 }
 
 

@@ -6,9 +6,11 @@ import importlib
 
 import typer
 
-deploy_app = typer.Typer(help="Deploy the broker worker to a provider.", no_args_is_help=True)
+deploy_app = typer.Typer(help="Deploy the broker worker to a provider, or write manifests for your own GPU fleet.",
+                         no_args_is_help=True)
 
-_PROVIDER_MODULES = ("broker.cli.deploy_runpod", "broker.cli.deploy_modal", "broker.cli.deploy_replicate")
+_PROVIDER_MODULES = ("broker.cli.deploy_runpod", "broker.cli.deploy_modal", "broker.cli.deploy_replicate",
+                     "broker.cli.deploy_selfhosted")
 
 
 def register(app: typer.Typer) -> None:

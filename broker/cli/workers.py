@@ -31,6 +31,10 @@ def serve(
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body.")] = 64.0,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Jobs that run at once.")] = 1,
     max_waiting: Annotated[int, typer.Option("--max-waiting", min=0, help="Jobs that may wait for a slot.")] = 32,
+    preload_render: Annotated[bool, typer.Option("--preload-render/--lazy-render",
+                                                 help="Load the render engine before /ready turns 200, or on "
+                                                      "the first render job (a speech-only fleet starts faster).")
+                              ] = True,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Serve /health, /ready, /run and /stream until interrupted."""
@@ -61,6 +65,7 @@ def serve(
         concurrency=concurrency,
         max_waiting=max_waiting,
         preload=(settings.engines.default,),
+        preload_render=preload_render,
         limits=settings.limits,
     )
     uvicorn.run(create_app(options), host=host, port=port, log_level=log_level)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -265,10 +265,18 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+class JobClient(Protocol):
+    """What ``HTTPJob`` needs of a client: one worker (``HTTPJobClient``) or a pool of them (``PoolClient``)."""
+
+    async def run(self, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
 class HTTPJob(BackgroundJob):
     """One job on an HTTP worker: a background request, or a stream of chunks fed to ``stream()``."""
 
-    def __init__(self, provider: str, client: HTTPJobClient, request: Request, payload: dict[str, Any],
+    def __init__(self, provider: str, client: JobClient, request: Request, payload: dict[str, Any],
                  *, stream: bool, bill: BillFn) -> None:
         super().__init__(provider, str(payload["id"]), request)
         self._client = client
@@ -334,15 +342,20 @@ def encode_job(request: Request, *, stream: bool, limits: Limits) -> tuple[dict[
 
 
 class HTTPProvider(Provider):
-    """A `broker worker serve` you run yourself (Kubernetes, ECS, a box under the desk)."""
+    """A `broker worker serve` you run yourself (Kubernetes, ECS, a box under the desk), or a pool of them.
+
+    ``urls`` (several workers) makes a pool: each job goes to the worker with the shortest queue and
+    fails over to the others before the manager sees an error (``broker.providers.http_pool``).
+    """
 
     name = "http"
     kind = "http"
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
+        urls: Sequence[str] = (),
         api_key: str | SecretStr | None = None,
         hardware: str = "cpu",
         usd_per_hour: float | None = None,
@@ -351,32 +364,42 @@ class HTTPProvider(Provider):
         request_timeout_s: float = 900.0,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
+        from broker.providers.http_pool import PoolClient, WorkerPool
+
         key = SecretStr(api_key) if isinstance(api_key, str) else api_key
-        self.client = HTTPJobClient(
-            url,
+        addresses = list(dict.fromkeys([*([url] if url else []), *urls]))
+        if not addresses:
+            raise ConfigurationError(f"{self.name}: give the worker's url (or urls for a pool)")
+        clients = [HTTPJobClient(
+            address,
             provider=self.name,
             auth_headers={"Authorization": SecretStr(f"Bearer {key.get_secret_value()}")} if key else None,
             transport=transport,
             connect_timeout_s=connect_timeout_s,
             request_timeout_s=request_timeout_s,
-        )
+        ) for address in addresses]
+        #: the first worker (the only one without a pool)
+        self.client = clients[0]
+        self.pool = PoolClient(WorkerPool(clients), self.name)
         self.usd_per_hour = usd_per_hour
         self.limits = limits
         self.capabilities = Capabilities.broker_worker(hardware)
 
     def __repr__(self) -> str:
-        return f"<HTTPProvider {safe_url(self.client.base_url)}>"
+        return f"<HTTPProvider {', '.join(m.url for m in self.pool.pool.members)}>"
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> HTTPProvider:
         cfg = settings.http
         url = overrides.pop("url", cfg.url)
-        if not url:
+        urls = list(overrides.pop("urls", cfg.urls))
+        if not url and not urls:
             raise ConfigurationError(
                 "the http provider needs the worker's address: set http.url (BROKER_HTTP__URL), "
-                "e.g. http://gpu-box:8000 where `broker worker serve` runs"
+                "e.g. http://gpu-box:8000 where `broker worker serve` runs, or http.urls for a pool"
             )
         kwargs: dict[str, Any] = {
+            "urls": urls,
             "api_key": cfg.api_key,
             "hardware": cfg.hardware,
             "usd_per_hour": cfg.usd_per_hour,
@@ -385,7 +408,7 @@ class HTTPProvider(Provider):
             "limits": settings.limits,
         }
         kwargs.update(overrides)
-        return cls(url, **kwargs)
+        return cls(url or None, **kwargs)
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
         """Your own machine: the hourly rate you gave, else the catalog's row for its hardware."""
@@ -407,16 +430,16 @@ class HTTPProvider(Provider):
 
     async def submit(self, request: Request, *, stream: bool = False) -> Job:
         payload, streaming = encode_job(request, stream=stream, limits=self.limits)
-        return HTTPJob(self.name, self.client, request, payload, stream=streaming, bill=self.bill)
+        return HTTPJob(self.name, self.pool, request, payload, stream=streaming, bill=self.bill)
 
     async def health(self) -> HealthReport:
         started = time.perf_counter()
         try:
-            ok, info = await self.client.ready()
+            ok, info = await self.pool.ready()
         except BrokerError as exc:
             return HealthReport(ok=False, detail=exc.message, latency_s=time.perf_counter() - started)
         detail = "worker ready" if ok else f"worker not ready: {info.get('error') or info.get('detail') or ''}"
         return HealthReport(ok=ok, detail=detail.strip(), latency_s=time.perf_counter() - started, info=info)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.pool.aclose()

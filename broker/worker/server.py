@@ -4,6 +4,7 @@ Routes (the same on `broker worker serve` and on the Modal app's ASGI endpoint):
 
     GET  /health   the process answers (no key needed: liveness probes)
     GET  /ready    200 once the engines are loaded, else 503 (no key needed: readiness probes)
+    GET  /metrics  Prometheus text: queue depth, slots, job seconds, engine load time (key needed)
     POST /run      one wire job (JSON) -> its result payload
     POST /stream   one speech job -> newline-delimited JSON chunk payloads, the last with "final": true
 
@@ -23,6 +24,7 @@ import importlib
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from broker.errors import (
 )
 from broker.types import DEFAULT_LIMITS, Limits, RenderRequest, build
 from broker.worker import handle, handle_stream
+from broker.worker.metrics import CONTENT_TYPE, WorkerMetrics, outcome_of, task_of
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class WorkerOptions:
     max_waiting: int = 32
     #: speech engines to load before /ready turns 200; None = already loaded by the host (Modal)
     preload: tuple[str, ...] | None = ("piper",)
+    #: load the render engine before /ready too; False = on the first render job (speech-only fleets start faster)
+    preload_render: bool = True
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -146,6 +151,7 @@ class WorkerState:
         #: jobs stopped because their client hung up
         self.cancelled = 0
         self._slots = asyncio.Semaphore(max(1, options.concurrency))
+        self.metrics = WorkerMetrics()
         self._warm_task: asyncio.Task[None] | None = None
 
     # -- start-up ------------------------------------------------------------------
@@ -154,13 +160,16 @@ class WorkerState:
             self._warm_task = asyncio.get_running_loop().create_task(self._warm_up())
 
     async def _warm_up(self) -> None:
+        started = time.perf_counter()
         try:
             if self.options.preload is not None:
-                await asyncio.to_thread(engines.preload, self.options.preload)
+                await asyncio.to_thread(engines.preload, self.options.preload,
+                                        render_engine=self.options.preload_render)
             if self.options.avatars_dir is not None:
                 self.presets = await asyncio.to_thread(load_presets, self.options.avatars_dir)
                 log.info("loaded %d avatar presets (%s)", len(self.presets.images),
                          "pre-processed by the render engine" if self.presets.registered else "as images")
+            self.metrics.engine_load_seconds = time.perf_counter() - started
         except BrokerError as exc:
             self.error = exc.message
             log.error("worker not ready: %s", exc.message)
@@ -225,7 +234,7 @@ class WorkerState:
         self.served += 1
         self._slots.release()
 
-    def _in_thread(self, work: Callable[[], T]) -> asyncio.Future[T]:
+    def _in_thread(self, work: Callable[[], T], task: str = "other") -> asyncio.Future[T]:
         """Run ``work`` on its own thread; the job slot is freed when the thread ends, not when we stop waiting."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -239,11 +248,15 @@ class WorkerState:
                 future.set_result(result)
 
         def target() -> None:
+            started, result, error = time.perf_counter(), None, None
             try:
-                _post(loop, settle, work())
+                result = work()
+                _post(loop, settle, result)
             except BaseException as exc:
+                error = exc
                 _post(loop, settle, None, exc)
             finally:
+                _post(loop, self.metrics.observe_job, task, outcome_of(result, error), time.perf_counter() - started)
                 _post(loop, self._release)
 
         threading.Thread(target=target, name="broker-job", daemon=True).start()
@@ -260,7 +273,7 @@ class WorkerState:
                 _post(loop, self._count_cancelled)
             return result
 
-        future = self._in_thread(work)
+        future = self._in_thread(work, task_of(payload))
         try:
             return await future
         except BaseException:
@@ -277,9 +290,11 @@ class WorkerState:
         cancel = threading.Event()
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        def produce() -> None:
+        def produce() -> dict[str, Any] | None:
+            last = None
             try:
                 for item in handle_stream(payload, cancel=cancel, limits=self.options.limits):
+                    last = item
                     _post(loop, queue.put_nowait, item)
                     if cancel.is_set():
                         break
@@ -287,8 +302,9 @@ class WorkerState:
                     _post(loop, self._count_cancelled)
             finally:
                 _post(loop, queue.put_nowait, None)
+            return last  # its "ok" is the stream's outcome in /metrics
 
-        done = self._in_thread(produce)
+        done = self._in_thread(produce, task_of(payload))
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # errors end the stream, not here
         return _drain(queue, cancel)
 
@@ -451,6 +467,12 @@ def create_app(
         state.start_warm_up()
         status, info = state.readiness()
         return JSONResponse(info, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        _check_key(request, opts.api_key)  # queue depth and traffic are the operator's business only
+        text = state.metrics.render(state, slots=max(1, opts.concurrency), max_waiting=opts.max_waiting)
+        return Response(text, media_type=CONTENT_TYPE)
 
     async def job_payload(request: Request) -> Any:
         _check_key(request, opts.api_key)
