@@ -33,7 +33,7 @@ from broker.testing.fake import FakeProvider, fake_catalog
 from broker.types import SpeechRequest
 
 url, text = sys.argv[1], sys.argv[2]
-budget, start_at, give_up_at, heartbeat_s, owner_timeout_s, job_usd = map(float, sys.argv[3:9])
+budget, heartbeat_s, owner_timeout_s, job_usd = map(float, sys.argv[3:7])
 
 async def main():
     s = Settings()
@@ -68,7 +68,9 @@ async def main():
             await asyncio.sleep(0.25)
         done.set()
 
-    await asyncio.sleep(max(0.0, start_at - time.time()))  # every process starts together
+    print("ready", flush=True)  # every process starts together, when the test says so
+    start_at, give_up_at = map(float, (await asyncio.to_thread(sys.stdin.readline)).split())
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     await asyncio.gather(monitor(), *(lane() for _ in range(50)))
     m.close()
     print(json.dumps(counts))
@@ -90,10 +92,16 @@ def _wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:
 def test_eight_processes_share_one_budget_exactly_and_dead_ones_release_theirs(pg_url: str) -> None:  # noqa: F811
     budget = 500 * JOB_USD  # 500 jobs (each reserves twice its quote while it runs): 400 lanes want more
     ledger = open_store(pg_url)  # migrate once up front: the workers all start at the same instant
-    start_at = time.time() + 6.0
-    args = [str(v) for v in (budget, start_at, start_at + 20.0, HEARTBEAT_S, OWNER_TIMEOUT_S, JOB_USD)]
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, pg_url, TEXT, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    args = [str(v) for v in (budget, HEARTBEAT_S, OWNER_TIMEOUT_S, JOB_USD)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, pg_url, TEXT, *args], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr and p.stderr.read()[-2000:]
+    start_at = time.time() + 0.3
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(f"{start_at} {start_at + 20.0}\n")
+        p.stdin.flush()
     victims, survivors = procs[:2], procs[2:]
     url = StoreURL.parse(pg_url)
     import psycopg
