@@ -15,7 +15,6 @@ risks a job on an endpoint that was failing.
 from __future__ import annotations
 
 import collections
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,9 +22,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from broker.routing.fleet_link import FleetLink
 from broker.store.base import HealthEvent, SharedHealth
-
-log = logging.getLogger("broker.health")
 
 
 class BreakerState(str, Enum):
@@ -69,7 +67,7 @@ class CircuitBreaker:
         self.trial_in_flight = False
         self.generation = 0
         #: the fleet (``HealthBoard`` with a ``SharedHealth``): told of openings, asked for trials
-        self.link: _FleetLink | None = None
+        self.link: FleetLink | None = None
         #: the fleet refused us the trial (another process runs it): do not ask again before this
         self.trial_elsewhere_until: float | None = None
 
@@ -294,7 +292,7 @@ class HealthBoard:
         if h is None:
             h = self._by_name[name] = ProviderHealth(name, CircuitBreaker(self.config, self.clock))
             if self.shared is not None:
-                h.breaker.link = _FleetLink(self, name)
+                h.breaker.link = FleetLink(self, name)
         return h
 
     def items(self) -> Iterable[tuple[str, ProviderHealth]]:
@@ -329,46 +327,6 @@ class HealthBoard:
         """Chance the provider's worker is cold: low if we used it within its idle window."""
         last = self[name].last_activity
         return warm_p_cold if last is not None and now - last < idle_s else 1.0
-
-
-class _FleetLink:
-    """One breaker's line to the fleet. A store that is away never stops routing: it is logged, and the
-    breaker goes on as this process alone sees it."""
-
-    def __init__(self, board: HealthBoard, name: str) -> None:
-        self.board, self.name = board, name
-
-    def _send(self, kind: str, until: float | None = None, ejections: int = 0) -> None:
-        shared = self.board.shared
-        assert shared is not None
-        try:
-            shared.publish(HealthEvent(kind, self.name, None if until is None else self.board._wall(until), ejections))
-        except Exception as exc:
-            log.warning("%s: could not share health (%s): %s", self.name, kind, exc)
-
-    def opened(self, open_until: float, ejections: int) -> None:
-        self._send("opened", open_until, ejections)
-
-    def closed(self) -> None:
-        self._send("closed")
-
-    def cooldown(self, until: float) -> None:
-        self._send("cooldown", until)
-
-    def grant_trial(self) -> bool:
-        assert self.board.shared is not None
-        try:
-            return self.board.shared.grant_trial(self.name, self.board.trial_lease_s)
-        except Exception as exc:
-            log.warning("%s: could not ask the fleet for the trial (%s); taking it", self.name, exc)
-            return True
-
-    def release_trial(self) -> None:
-        assert self.board.shared is not None
-        try:
-            self.board.shared.release_trial(self.name)
-        except Exception as exc:
-            log.warning("%s: could not release the fleet's trial: %s", self.name, exc)
 
 
 def state_from_history(attempts: Iterable[Mapping[str, Any]], config: BreakerConfig | None = None,

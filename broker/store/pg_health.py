@@ -24,7 +24,7 @@ from psycopg import sql
 from psycopg_pool import PoolTimeout
 
 from broker.store.base import HealthEvent
-from broker.store.postgres import open_pool
+from broker.store.pg_pool import open_pool
 from broker.store.url import StoreURL
 
 
