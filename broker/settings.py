@@ -240,6 +240,29 @@ class LedgerSettings(BaseModel):
     shared_health: bool = True
 
 
+class GatewaySettings(BaseModel):
+    """`broker serve`: the HTTP job gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+    #: the job table and API keys: sqlite:///… (one process, in-process queue) or postgresql://… (replicas
+    #: share it, jobs queue in procrastinate); None = a SQLite file beside the ledger
+    database_url: str | None = None
+    #: finished outputs: a directory, or an S3-compatible bucket when s3_bucket is set
+    output_dir: str = "~/.local/share/broker/outputs"
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    #: jobs this replica runs at once
+    concurrency: int = Field(default=4, ge=1, le=256)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    #: a replica that stops renewing its claim on a job for this long loses it to another replica
+    lease_s: float = Field(default=30.0, gt=0)
+    #: signs completion webhooks of the open (keyless) tenant; keyed tenants get their own secret
+    webhook_secret: SecretStr | None = None
+    webhook_attempts: int = Field(default=6, ge=1, le=20)
+
+
 _ENV_SECRETS = {
     ("runpod", "api_key"): "RUNPOD_API_KEY",
     ("replicate", "api_token"): "REPLICATE_API_TOKEN",
@@ -263,6 +286,7 @@ class Settings(BaseSettings):
     http: HTTPWorkerSettings = Field(default_factory=HTTPWorkerSettings)
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     #: price overrides: a CSV with the catalog's columns, merged over the packaged one
     prices_path: str | None = None
 

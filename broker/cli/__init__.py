@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "broker.cli.emulate",  # emulate <provider>
     "broker.cli.workers",  # worker serve
     "broker.cli.bench",  # bench
+    "broker.cli.serve",  # serve, serve keys
 )
 
 for _name in _COMMAND_MODULES:

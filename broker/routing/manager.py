@@ -43,8 +43,9 @@ class ManagedJob(Job):
     """The manager's job: walks the ranked providers in a background task (or, streaming, as chunks are read)."""
 
     def __init__(self, manager: CloudGPUManager, request: Request, stream: bool, *,
-                 deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None) -> None:
-        super().__init__(manager.name, uuid.uuid4().hex, request)
+                 deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None,
+                 job_id: str | None = None) -> None:
+        super().__init__(manager.name, job_id or uuid.uuid4().hex, request)
         self.report = JobReport(job_id=self.id, task=request.task)
         self.max_usd = max_usd
         self.policy = as_policy(policy) if policy is not None else manager.policy
@@ -444,17 +445,20 @@ class CloudGPUManager(Provider):
 
     # -- running --------------------------------------------------------------------------------
     async def submit(self, request: Request, *, stream: bool = False, deadline_s: float | None = None,
-                     max_usd: float | None = None, policy: Any = None) -> Job:
+                     max_usd: float | None = None, policy: Any = None, job_id: str | None = None) -> Job:
+        """Accept ``request``; ``job_id`` names the job in the ledger and the report (a caller's own id)."""
         request.check_limits(self.settings.limits)
         if not any(p.capabilities.supports(request) is None for p in self.all_providers):
             reasons = "; ".join(f"{p.name}: {p.capabilities.supports(request)}" for p in self.all_providers)
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
                                      + (f" ({reasons})" if reasons else ""))
-        return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy)
+        return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy,
+                          job_id=job_id)
 
     async def arun(self, request: Request, *, timeout: float | None = None, deadline_s: float | None = None,
-                   max_usd: float | None = None, policy: Any = None) -> Output:
-        job = await self.submit(request, deadline_s=deadline_s or timeout, max_usd=max_usd, policy=policy)
+                   max_usd: float | None = None, policy: Any = None, job_id: str | None = None) -> Output:
+        job = await self.submit(request, deadline_s=deadline_s or timeout, max_usd=max_usd, policy=policy,
+                                job_id=job_id)
         try:
             # The job ends itself at its deadline; the margin only guards against a stuck adapter.
             out = await job.result(None if timeout is None else timeout + 5.0)

@@ -1,0 +1,198 @@
+"""One gateway job through the manager: claim it, run it, store the output, record the outcome, notify.
+
+Whichever replica runs a job holds a lease on its row and renews it while the job runs. A renewal that
+fails means the job was cancelled (``DELETE``) or taken over: the manager's job is cancelled at once,
+which cancels it at the provider. A replica that dies stops renewing; once the lease lapses another
+replica may claim the job and run it again — the ledger shows the abandoned attempt, and for long work
+the journal makes the rerun redo only missing pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from broker import wire
+from broker.errors import BrokerError, InvalidRequest
+from broker.gateway.jobs import JobRow, JobStore
+from broker.gateway.outputs import OutputStore
+from broker.gateway.tenants import KeyStore
+from broker.gateway.webhooks import deliver
+from broker.media import Audio, Video
+
+log = logging.getLogger("broker.gateway.runner")
+
+AUDIO_FORMATS = {"wav": "audio/wav", "flac": "audio/flac"}
+KINDS = ("speech", "render")
+JOB_SHAPE = {"kind": "speech", "input": {"text": "Hello.", "speaker": 0}}
+
+
+class LeaseLost(Exception):
+    """The job was cancelled or another replica holds it now."""
+
+
+def decode_job_request(body: dict[str, Any]) -> Any:
+    """The broker request inside a job body (raises ``InvalidRequest`` naming the field)."""
+    kind = body.get("kind")
+    if kind not in KINDS:
+        raise InvalidRequest("kind", f"must be one of {', '.join(KINDS)}; got {kind!r} (a job looks like "
+                             f"{json.dumps(JOB_SHAPE)})")
+    inp = body.get("input")
+    if not isinstance(inp, dict):
+        raise InvalidRequest("input", "must be a JSON object with the request fields (text, speaker, ...), as in "
+                             f"{json.dumps(JOB_SHAPE)}")
+    return wire.decode_request({"v": wire.WIRE_VERSION, "task": kind, "input": inp})
+
+
+@dataclass
+class RunnerConfig:
+    lease_s: float = 30.0
+    webhook_secret: str | None = None
+    webhook_attempts: int = 6
+    webhook_backoff_s: float = 0.5
+
+
+class JobRunner:
+    def __init__(self, manager: Any, jobs: JobStore, keys: KeyStore, outputs: OutputStore,
+                 config: RunnerConfig | None = None, *, owner: str | None = None) -> None:
+        self.manager = manager
+        self.jobs = jobs
+        self.keys = keys
+        self.outputs = outputs
+        self.config = config or RunnerConfig()
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.latencies: list[float] = []
+        self.running = 0
+        #: notified whenever a job this replica ran finishes (``GET /v1/jobs/{id}?wait=`` listens)
+        self.finished = asyncio.Condition()
+
+    async def run(self, job_id: str) -> str:
+        """Run ``job_id`` if it can be claimed; returns what happened ("done", "busy" or "skipped")."""
+        job = await self.jobs.claim(job_id, self.owner, self.config.lease_s)
+        if job is None:
+            current = await self.jobs.get(job_id)
+            if current is None or current.terminal:
+                if current is not None and current.webhook_state == "pending":
+                    await self._notify(current)
+                return "skipped"
+            return "busy"  # held by a live replica
+        self.running += 1
+        try:
+            await self._run_claimed(job)
+        finally:
+            self.running -= 1
+        return "done"
+
+    async def _run_claimed(self, job: JobRow) -> None:
+        t0 = time.monotonic()
+        body = job.request
+        options = body.get("options") or {}
+        task = asyncio.current_task()
+        assert task is not None
+        keeper = asyncio.create_task(self._keep_lease(job.id, task))
+        report = None
+        try:
+            request = decode_job_request(body)
+            run = asyncio.ensure_future(self.manager.arun(
+                request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id))
+            try:
+                out = await run
+            finally:
+                report = getattr(self.manager, "last_report", None)
+            key, mime, data = self._encode(job.id, out, options)
+            self.outputs.put(key, data, mime)
+            report = out.report or report
+            await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=_cost(report),
+                                   provider=report.provider if report else None, attempts=_attempts(report),
+                                   output_key=key, output_mime=mime, output_bytes=len(data))
+        except asyncio.CancelledError:
+            if keeper.done() and isinstance(keeper.exception(), LeaseLost):
+                log.info("job %s: cancelled or taken over; stopped", job.id)
+                return
+            raise
+        except BrokerError as exc:
+            await self.jobs.finish(job.id, self.owner, state="failed", cost_usd=_cost(report),
+                                   provider=report.provider if report else None, attempts=_attempts(report),
+                                   error=exc.to_dict())
+        except Exception as exc:  # a bug must still end the job, typed, never a stuck "running"
+            log.exception("job %s: internal error", job.id)
+            await self.jobs.finish(job.id, self.owner, state="failed", cost_usd=_cost(report), provider=None,
+                                   attempts=_attempts(report),
+                                   error={"type": "InternalError", "message": type(exc).__name__})
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                await keeper
+        self.latencies.append(time.monotonic() - t0)
+        del self.latencies[:-1000]
+        async with self.finished:
+            self.finished.notify_all()
+        final = await self.jobs.get(job.id)
+        if final is not None and final.terminal and final.webhook_url:
+            await self._notify(final)
+
+    async def _keep_lease(self, job_id: str, task: asyncio.Task[Any]) -> None:
+        interval = max(0.2, self.config.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            if not await self.jobs.renew(job_id, self.owner, self.config.lease_s):
+                task.cancel()
+                raise LeaseLost(job_id)
+
+    def _encode(self, job_id: str, out: Audio | Video, options: dict[str, Any]) -> tuple[str, str, bytes]:
+        if isinstance(out, Video):
+            return f"{job_id}.mp4", "video/mp4", out.data
+        fmt = str(options.get("output_format") or "wav")
+        return f"{job_id}.{fmt}", AUDIO_FORMATS[fmt], out.to_bytes(fmt)
+
+    async def _notify(self, job: JobRow) -> None:
+        if not job.webhook_url or job.webhook_state not in ("pending", "sending"):
+            return
+        secret = self.config.webhook_secret
+        tenant = await self.keys.get(job.tenant)
+        if tenant is not None and tenant.webhook_secret:
+            secret = tenant.webhook_secret
+        if not secret:
+            log.warning("job %s: no webhook secret configured; webhook not sent", job.id)
+            await self.jobs.set_webhook_state(job.id, "failed")
+            return
+        # Hold the delivery for one lease, renewed before each try; a replica that dies holding it lets
+        # another replica's sweep send it once the hold lapses.
+        hold = self.config.lease_s
+        if not await self.jobs.claim_webhook(job.id, hold):
+            return
+
+        async def renew() -> None:
+            await self.jobs.hold_webhook(job.id, hold)
+
+        ok = await deliver(job.webhook_url, secret, {"id": job.id, **job.view()},
+                           attempts=self.config.webhook_attempts, backoff_s=self.config.webhook_backoff_s,
+                           timeout_s=max(1.0, min(10.0, hold / 2)), before_attempt=renew)
+        await self.jobs.set_webhook_state(job.id, "sent" if ok else "failed")
+
+    async def send_unsent_webhooks(self) -> None:
+        """Deliver what a dead replica left undelivered (every replica's queue sweep calls this)."""
+        for job_id in await self.jobs.unsent_webhooks(older_than_s=self.config.lease_s):
+            job = await self.jobs.get(job_id)
+            if job is not None:
+                await self._notify(job)
+
+
+def _cost(report: Any) -> float:
+    return float(report.cost_usd) if report is not None else 0.0
+
+
+def _attempts(report: Any) -> list[dict[str, Any]]:
+    if report is None:
+        return []
+    return [{"provider": a.provider, "outcome": a.outcome, "seconds": round(a.seconds, 4),
+             "cost_usd": round(a.cost_usd, 8), "error_class": a.error_class, "message": a.message}
+            for a in report.attempts]
