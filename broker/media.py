@@ -44,10 +44,11 @@ def to_numpy_audio(data: Any) -> np.ndarray:
 class Audio:
     """Mono float audio in [-1, 1].
 
-    ``report`` is set by the manager: which provider made it, what it cost.
+    ``report`` is set by the manager: which provider made it, what it cost. ``text`` is the words it
+    speaks when the engine knows them (each streamed piece carries its own; "" = no words, e.g. a tail).
     """
 
-    __slots__ = ("_samples", "phonemes", "report", "sample_rate")
+    __slots__ = ("_samples", "phonemes", "report", "sample_rate", "text")
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class Audio:
         sample_rate: int = SAMPLE_RATE,
         *,
         phonemes: Sequence[PhonemeTiming] | None = None,
+        text: str | None = None,
     ) -> None:
         arr = to_numpy_audio(samples)
         if arr.ndim != 1:
@@ -65,6 +67,7 @@ class Audio:
         self.sample_rate = int(sample_rate)
         self.phonemes: list[PhonemeTiming] | None = list(phonemes) if phonemes is not None else None
         self.report: JobReport | None = None
+        self.text = text
 
     # -- views --------------------------------------------------------------
     @property
@@ -144,7 +147,7 @@ class Audio:
             return self
         out = resample(self._samples, self.sample_rate, rate)
         scale = self.sample_rate / rate
-        return Audio(out, rate, phonemes=self.phonemes if scale else None)
+        return Audio(out, rate, phonemes=self.phonemes if scale else None, text=self.text)
 
     @classmethod
     def concat(cls, parts: Sequence[Audio]) -> Audio:
@@ -162,12 +165,15 @@ class Audio:
                     PhonemeTiming(t.phoneme, t.start_s + offset, t.end_s + offset) for t in p.phonemes
                 )
             offset += p.duration_s
+        texts = [p.text for p in parts]
+        text = " ".join(t for t in texts if t) if all(t is not None for t in texts) else None
         return cls(
-            np.concatenate([p.samples for p in parts]), rate, phonemes=phonemes if has_phonemes else None
+            np.concatenate([p.samples for p in parts]), rate, phonemes=phonemes if has_phonemes else None,
+            text=text,
         )
 
 
-def resample(samples: np.ndarray, src: int, dst: int) -> np.ndarray:
+def resample(samples: np.ndarray, src: float, dst: float) -> np.ndarray:
     """High-quality resampling with soxr when installed, else band-limited FFT resampling."""
     if src == dst:
         return samples.astype(np.float32, copy=False)

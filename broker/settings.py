@@ -51,6 +51,9 @@ class EngineSettings(BaseModel):
     piper_voices: dict[str, str] = Field(default_factory=dict)
     #: Sesame CSM: a local folder with transformers weights (CsmForConditionalGeneration)
     csm_path: str | None = None
+    #: your own engines: name → "pkg.module:Class" (a SpeechEngine subclass); installed packages can
+    #: also declare them as `broker.engines` entry points (broker/engines/registry.py)
+    plugins: dict[str, str] = Field(default_factory=dict)
 
 
 class RunPodSettings(BaseModel):

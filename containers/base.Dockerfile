@@ -32,5 +32,12 @@ COPY pyproject.toml README.md ./
 COPY broker ./broker
 RUN pip install ".[local]"
 
+# Your own engines (packages with a `broker.engines` entry point) and what they need, e.g.
+#   --build-arg EXTRA_PIP="my-tts==1.2 git+https://github.com/me/my-engine"
+# torch is already installed: a plugin that pins another torch would replace the CUDA build.
+ARG EXTRA_PIP=
+RUN if [ -n "${EXTRA_PIP}" ]; then pip install ${EXTRA_PIP}; fi \
+    && python -c "from broker import engines; print('engines:', ', '.join(engines.available()))"
+
 # Fail the build, not the first job, if the engines cannot load.
 RUN python -c "from broker import engines; engines.configure(device='cpu'); engines.speech_engine('piper')"

@@ -81,15 +81,22 @@ def test_schema_validates_at_the_edge() -> None:
 
 
 def test_async_prediction_with_webhooks_streams_chunks() -> None:
+    # Cog sends its webhooks concurrently (one task each), so they may arrive in any order: a
+    # "processing" event can land after "succeeded". The terminal event is kept as it arrives and waited
+    # on; nothing assumes the last event received is the last one sent.
     events: list[dict[str, Any]] = []
+    terminal: list[dict[str, Any]] = []
+    lock = threading.Lock()
     done = threading.Event()
 
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            events.append(body)
-            if body["status"] in ("succeeded", "failed", "canceled"):
-                done.set()
+            with lock:
+                events.append(body)
+                if body["status"] in ("succeeded", "failed", "canceled"):
+                    terminal.append(body)
+                    done.set()
             self.send_response(200)
             self.end_headers()
 
@@ -107,13 +114,15 @@ def test_async_prediction_with_webhooks_streams_chunks() -> None:
         assert done.wait(60), events
     finally:
         hook.shutdown()
-    final = events[-1]
-    assert final["status"] == "succeeded"
+    with lock:
+        seen = list(events)
+        (final,) = terminal
+    assert final["status"] == "succeeded", final
     chunks = [wire.decode_chunk(_payload(item)) for item in final["output"]]
     assert [c[0] for c in chunks] == list(range(len(chunks))) and chunks[-1][1]
     assert len(chunks) >= 3
     # Outputs arrived progressively, not all at the end.
-    assert any(0 < len(e.get("output") or []) < len(chunks) for e in events)
+    assert any(0 < len(e.get("output") or []) < len(chunks) for e in seen)
 
 
 def test_cancel_stops_a_running_prediction() -> None:

@@ -107,3 +107,19 @@ def test_sdk_local_test_mode_runs_test_input() -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "completed successfully" in proc.stdout + proc.stderr
     assert "'ok': True" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["base.Dockerfile", "runpod.Dockerfile", "worker.Dockerfile"])
+def test_every_image_installs_plugin_engines_by_build_arg(name: str) -> None:
+    """`--build-arg EXTRA_PIP="my-engine"` puts a `broker.engines` plugin into any image; empty installs nothing."""
+    steps = instructions(ROOT / "containers" / name)
+    assert ("ARG", "EXTRA_PIP=") in steps
+    run = next(rest for word, rest in steps if word == "RUN" and "EXTRA_PIP" in rest)
+    assert 'if [ -n "${EXTRA_PIP}" ]; then pip install ${EXTRA_PIP}; fi' in run
+    # the step then lists the engines the image really has, so a plugin that does not import shows in the log
+    check = run.partition("&&")[2].strip()
+    assert check.startswith("python -c ")
+    done = subprocess.run(shlex.split(check), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "BROKER_LOCAL__DEVICE": "cpu"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("engines: ")

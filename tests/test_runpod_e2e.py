@@ -218,7 +218,7 @@ async def test_manager_fails_over_when_queue_is_stuck_and_recovers(emu: RunPodEm
     rp = provider(emu, queue_timeout_s=1.0)
     manager = manager_with(rp)
     emu.set_faults(stuck=True)
-    out = await manager.agenerate_speech("The queue is stuck, so local answers.")
+    out = await manager.agenerate_speech("The queue is stuck, so local answers.", return_tensor=False)
     speechy(out)
     # The adapter gives up on its queue timeout (ProviderUnavailable); a manager that watches queue
     # timeouts itself may get there first (ProviderTimeout). Either way the job is taken back.
@@ -229,7 +229,7 @@ async def test_manager_fails_over_when_queue_is_stuck_and_recovers(emu: RunPodEm
     stuck_jobs = [j for j in emu.state()["jobs"].values() if j["status"] == "CANCELLED"]
     assert stuck_jobs, "the abandoned job was cancelled on RunPod"
     emu.set_faults(stuck=False)
-    healed = await manager.agenerate_speech("RunPod is healthy again.")
+    healed = await manager.agenerate_speech("RunPod is healthy again.", return_tensor=False)
     assert attempts(healed) == [("runpod", "succeeded", None)]
     await manager.aclose()
 
@@ -237,10 +237,10 @@ async def test_manager_fails_over_when_queue_is_stuck_and_recovers(emu: RunPodEm
 async def test_manager_fails_over_on_401_and_recovers(emu: RunPodEmulator) -> None:
     manager = manager_with(provider(emu))
     emu.set_faults(reject_auth=True)
-    out = await manager.agenerate_speech("The key was rejected.")
+    out = await manager.agenerate_speech("The key was rejected.", return_tensor=False)
     assert attempts(out) == [("runpod", "failed", AuthenticationFailed.__name__), ("local", "succeeded", None)]
     emu.set_faults(reject_auth=False)
-    healed = await manager.agenerate_speech("The key works again.")
+    healed = await manager.agenerate_speech("The key works again.", return_tensor=False)
     assert attempts(healed) == [("runpod", "succeeded", None)]
     await manager.aclose()
 
@@ -248,12 +248,13 @@ async def test_manager_fails_over_on_401_and_recovers(emu: RunPodEmulator) -> No
 async def test_manager_fails_over_when_the_worker_crashes_and_recovers(emu: RunPodEmulator) -> None:
     manager = manager_with(provider(emu, queue_timeout_s=120.0))
     emu.set_faults(crash_rate=1.0, crash_after_s=0.0)  # killed as it takes the job
-    out = await manager.agenerate_speech("The worker dies before it can say this.")
+    out = await manager.agenerate_speech("The worker dies before it can say this.", return_tensor=False)
     speechy(out)
     assert attempts(out) == [("runpod", "failed", JobFailed.__name__), ("local", "succeeded", None)]
     assert out.report is not None and "exited unexpectedly" in (out.report.attempts[0].message or "")
     emu.set_faults(crash_rate=0.0)
-    healed = await manager.agenerate_speech("A new worker took over.")  # queues until the new worker is up
+    # queues until the new worker is up
+    healed = await manager.agenerate_speech("A new worker took over.", return_tensor=False)
     assert attempts(healed) == [("runpod", "succeeded", None)]
     crashed = [w for w in emu.state()["workers"].values() if w["exit_code"] is not None]
     assert crashed and crashed[0]["exit_code"] == -9

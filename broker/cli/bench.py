@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from broker.cli.common import atomic_output, err, guarded, interactive, out, print_json
 
@@ -109,7 +110,7 @@ def bench(
             return
         _print(result)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -130,12 +131,17 @@ def _write_files(result: object, csv_path: Path | None, plot_path: Path | None) 
     from broker.bench.run import BenchResult
 
     assert isinstance(result, BenchResult)
+    # Where the files went goes to stderr, so --json and --markdown output on stdout stays clean.
     if csv_path is not None:
         with atomic_output(csv_path) as tmp:
             write_csv(result, tmp)
+        err.print(f"wrote the rows to {escape(str(csv_path.expanduser().resolve()))}", highlight=False,
+                  soft_wrap=True)
     if plot_path is not None:
         with atomic_output(plot_path) as tmp:
             write_plot(result, tmp)
+        err.print(f"wrote the plot to {escape(str(plot_path.expanduser().resolve()))}", highlight=False,
+                  soft_wrap=True)
 
 
 def _print(result: object) -> None:
@@ -148,8 +154,8 @@ def _print(result: object) -> None:
     # Piped into a file the tables would wrap at 80 columns; give them room instead.
     con = out if out.is_terminal else Console(width=max(out.width, 132))
     m = result.machine
-    con.print(f"[bold]broker bench[/] · {result.mode} · {m.get('cpu')} ({m.get('cores')} cores, load "
-              f"{m.get('load_average')}) · {result.seconds:.0f} s", highlight=False)
+    con.print(f"[bold]broker bench[/] · {result.mode} · {escape(str(m.get('cpu')))} ({m.get('cores')} cores, "
+              f"load {m.get('load_average')}) · {result.seconds:.0f} s", highlight=False)
     for table in tables(result):
         con.print(table)
     for table in monthly_tables(result):
@@ -158,7 +164,7 @@ def _print(result: object) -> None:
     if cal is not None:
         con.print(cal)
     for line in footnotes(result):
-        con.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
+        con.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
     if result.calibrations:
         spent = result.calibration_cost_usd
         con.print(f"[dim]calibration jobs: {sum(len(c.jobs) for c in result.calibrations)}, "

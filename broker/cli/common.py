@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from broker.errors import AllProvidersFailed, BrokerError, ConfigurationError, InvalidRequest, ProviderNotInstalled
 
@@ -26,24 +27,36 @@ EXIT_FAILED = 1
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; typed errors become one line on stderr (exit 2 for bad input), never a traceback."""
+def guarded(fn: Callable[[], T], *, as_json: bool = False) -> T:
+    """Run ``fn``; typed errors become one line on stderr (exit 2 for bad input), never a traceback.
+
+    ``as_json``: the command was asked for ``--json``, so stdout also gets one JSON object for the
+    error (``{"ok": false, "error": {"type", "message", "field", ...}, "exit_code"}``): a script reading
+    stdout learns what went wrong without parsing stderr.
+    """
     try:
         return fn()
     except InvalidRequest as exc:
-        fail(exc.message, EXIT_BAD_INPUT)
+        _failed(exc, exc.message, EXIT_BAD_INPUT, as_json)
     except (ConfigurationError, ProviderNotInstalled) as exc:
-        fail(exc.message, EXIT_BAD_INPUT)
+        _failed(exc, exc.message, EXIT_BAD_INPUT, as_json)
     except AllProvidersFailed as exc:
-        fail(exc.message, EXIT_FAILED)
+        _failed(exc, exc.message, EXIT_FAILED, as_json)
     except BrokerError as exc:
-        fail(f"{type(exc).__name__}: {exc.message}", EXIT_FAILED)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+        _failed(exc, f"{type(exc).__name__}: {exc.message}", EXIT_FAILED, as_json)
+    except KeyboardInterrupt as exc:
+        _failed(exc, "interrupted", 130, as_json)
+
+
+def _failed(exc: BaseException, message: str, code: int, as_json: bool) -> NoReturn:
+    if as_json:
+        error = exc.to_dict() if isinstance(exc, BrokerError) else {"type": type(exc).__name__, "message": message}
+        print_json({"ok": False, "error": error, "exit_code": code})
+    fail(message, code)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from broker.cli.common import guarded, out, print_json
 
@@ -51,13 +52,14 @@ def deploy_modal(
             if as_json:
                 print_json(summary)
                 return
-            out.print(f"[bold]would deploy[/] {plan.app_name}.{plan.class_name} from {plan.app_file}")
+            out.print(f"[bold]would deploy[/] {escape(f'{plan.app_name}.{plan.class_name}')} from "
+                      f"{escape(str(plan.app_file))}", highlight=False, soft_wrap=True)
             for key in ("hardware", "min_containers", "max_containers", "scaledown_window_s", "memory_snapshot",
                         "timeout_s", "environment", "image"):
-                out.print(f"  {key:<19} {summary[key]}")
-            out.print(f"  {'command':<19} {summary['command']}")
+                out.print(f"  {key:<19} {escape(str(summary[key]))}", highlight=False, soft_wrap=True)
+            out.print(f"  {'command':<19} {escape(str(summary['command']))}", highlight=False, soft_wrap=True)
             out.print(f"  {'credentials':<19} {'found' if summary['credentials'] else 'MISSING'}")
-            out.print(f"  {'records to':<19} {target}")
+            out.print(f"  {'records to':<19} {escape(str(target))}", highlight=False, soft_wrap=True)
             return
         deploy.check_credentials(settings)  # before any network
         result = deploy.run_deploy(plan)
@@ -66,11 +68,13 @@ def deploy_modal(
             print_json({"app_name": result.app_name, "class_name": result.class_name, "url": result.url,
                         "config": str(written)})
             return
-        out.print(f"deployed [bold]{result.app_name}.{result.class_name}[/] · recorded in {written}")
+        out.print(f"deployed [bold]{escape(f'{result.app_name}.{result.class_name}')}[/] · recorded in "
+                  f"{escape(str(written))}", highlight=False, soft_wrap=True)
         if result.url:
-            out.print(f"  web endpoint {result.url} (needs a proxy auth token: modal.proxy_key / proxy_secret)")
+            out.print(f"  web endpoint {escape(result.url)} (needs a proxy auth token: modal.proxy_key / "
+                      "proxy_secret)", highlight=False, soft_wrap=True)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -76,7 +76,7 @@ def deploy_replicate(
                   f"{plan.hardware}, {plan.min_instances}-{plan.max_instances} instances){where}", highlight=False,
                   soft_wrap=True)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def register(app: typer.Typer) -> None:

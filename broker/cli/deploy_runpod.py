@@ -78,7 +78,7 @@ def deploy_runpod(
             return
         say(f"RunPod endpoint {result.endpoint_id} is ready; wrote [runpod] endpoint_id to {target}")
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def _show_plan(plan: Any, target: Path, as_json: bool) -> None:

@@ -51,9 +51,10 @@ def _emit(module: str, options: Any, output: Path | None, dry_run: bool) -> None
 
             raise InvalidRequest("output", f"cannot write into {output}: {exc.strerror}") from None
         for path in written:
-            err.print(f"wrote {path}", highlight=False, soft_wrap=True)
+            err.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
         where = str(output)
-    err.print(f"# apply from {where} (with {_key_env()} set in your shell):", highlight=False, soft_wrap=True)
+    err.print(f"# apply from {where} (with {_key_env()} set in your shell):", highlight=False, markup=False,
+              soft_wrap=True)
     for line in bundle.commands:
         err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     for note in bundle.notes:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from broker.cli.common import fail, out
+from broker.cli.emulate import emulator_ledger
 
 
 def say(line: str) -> None:
@@ -55,8 +56,9 @@ def emulate_runpod(
         fail(f"could not start the RunPod emulator: {exc}")
     try:
         say(f"RunPod emulator on {emulator.root_url} (endpoint {emulator.endpoint_id})")
-        say("Point broker at it:")
-        for key, value in emulator.env().items():
+        say("Point broker at it (its jobs go to a ledger of their own, not yours):")
+        exports = {**emulator.env(), "BROKER_LEDGER__PATH": str(emulator_ledger("runpod", emulator.port))}
+        for key, value in exports.items():
             say(f"  export {key}={value}")
         if worker:
             say(f"Worker log: {emulator.worker_log}")

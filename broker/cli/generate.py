@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from broker.cli.common import atomic_output, err, fail, guarded, interactive, out, print_json
 from broker.errors import InvalidRequest
@@ -33,7 +34,8 @@ def _speaker(value: str) -> int | str:
 def _result_json(output: Audio | Video, path: Path, elapsed: float) -> dict[str, Any]:
     report = output.report
     data: dict[str, Any] = {
-        "output": str(path),
+        "ok": True,
+        "output": str(path.expanduser().resolve()),
         "provider": report.provider if report else None,
         "attempts": [a.model_dump() for a in report.attempts] if report else [],
         "cost_usd": round(report.cost_usd, 8) if report else 0.0,
@@ -51,7 +53,8 @@ def _result_json(output: Audio | Video, path: Path, elapsed: float) -> dict[str,
 
 def speak(
     text: Annotated[str, typer.Argument(help="What to say.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="WAV (or .flac) file to write.")] = Path("out.wav"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="WAV (or .flac) file to write "
+                                                "(default: out.wav here).")] = None,
     speaker: Annotated[str, typer.Option("--speaker", "-s", help="Speaker id or voice name.")] = "0",
     provider: Annotated[str | None, typer.Option("--provider", "-p", help="Run on this provider only.")] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="piper | csm (default: configured)")] = None,
@@ -60,14 +63,16 @@ def speak(
 ) -> None:
     """Synthesise TEXT to an audio file."""
 
+    path = output or Path("out.wav")
+
     def run() -> None:
         request = build(SpeechRequest, text=text, speaker=_speaker(speaker), engine=engine,
                         max_length_ms=max_length_ms)
-        if output.suffix.lower() not in (".wav", ".flac"):
+        if path.suffix.lower() not in (".wav", ".flac"):
             raise InvalidRequest("output", "must end in .wav or .flac")
         started = time.perf_counter()
         manager = _manager(provider)
-        with atomic_output(output) as tmp:
+        with atomic_output(path) as tmp:
             if interactive() and not as_json:
                 with err.status(f"speaking {request.words()} words…"):
                     audio = manager.run_request(request)
@@ -77,20 +82,21 @@ def speak(
             audio.save(tmp)
         elapsed = time.perf_counter() - started
         if as_json:
-            print_json(_result_json(audio, output, elapsed))
+            print_json(_result_json(audio, path, elapsed))
         else:
             report = audio.report
             out.print(
-                f"wrote [bold]{output}[/] · {audio.duration_s:.2f} s of audio · "
-                f"{report.provider if report else '?'} · ${report.cost_usd if report else 0:.5f} · "
-                f"{elapsed:.2f} s"
+                f"wrote {_where(path, output is None)} · {audio.duration_s:.2f} s of audio · "
+                f"{escape(report.provider or '?') if report else '?'} · ${report.cost_usd if report else 0:.5f} · "
+                f"{elapsed:.2f} s", highlight=False, soft_wrap=True,
             )
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def render(
-    output: Annotated[Path, typer.Option("-o", "--output", help="MP4 file to write.")] = Path("out.mp4"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="MP4 file to write "
+                                                "(default: out.mp4 here).")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Speak this text (Piper) and render it.")] = None,
     audio: Annotated[Path | None, typer.Option("--audio", help="Render this WAV/FLAC file.")] = None,
     avatar: Annotated[Path | None, typer.Option("--avatar", help="Portrait image (default: packaged).")] = None,
@@ -101,11 +107,12 @@ def render(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Render a talking-head MP4 from --text or --audio."""
+    path = output or Path("out.mp4")
 
     def run() -> None:
         if (text is None) == (audio is None):
             raise InvalidRequest("input", "give exactly one of --text or --audio")
-        if output.suffix.lower() != ".mp4":
+        if path.suffix.lower() != ".mp4":
             raise InvalidRequest("output", "must end in .mp4")
         fields: dict[str, Any] = {"fps": fps, "size": size, "speaker": _speaker(speaker)}
         if text is not None:
@@ -123,7 +130,7 @@ def render(
         request = build(RenderRequest, **fields)
         started = time.perf_counter()
         manager = _manager(provider)
-        with atomic_output(output) as tmp:
+        with atomic_output(path) as tmp:
             if interactive() and not as_json:
                 with err.status("rendering…"):
                     video = manager.run_request(request)
@@ -133,15 +140,23 @@ def render(
             video.save(tmp)
         elapsed = time.perf_counter() - started
         if as_json:
-            print_json(_result_json(video, output, elapsed))
+            print_json(_result_json(video, path, elapsed))
         else:
             report = video.report
             out.print(
-                f"wrote [bold]{output}[/] · {video.frames} frames @ {video.fps:g} fps "
-                f"({video.audio_seconds:.2f} s) · {report.provider if report else '?'} · {elapsed:.2f} s"
+                f"wrote {_where(path, output is None)} · {video.frames} frames @ {video.fps:g} fps "
+                f"({video.audio_seconds:.2f} s) · {escape(report.provider or '?') if report else '?'} · "
+                f"{elapsed:.2f} s",
+                highlight=False, soft_wrap=True,
             )
 
-    guarded(run)
+    guarded(run, as_json=as_json)
+
+
+def _where(path: Path, defaulted: bool) -> str:
+    """The file written as a full path (rich markup, the path escaped); says so when -o was not given."""
+    full = f"[bold]{escape(str(path.expanduser().resolve()))}[/]"
+    return f"{full} (no -o given)" if defaulted else full
 
 
 def register(app: typer.Typer) -> None:

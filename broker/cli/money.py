@@ -86,7 +86,7 @@ def quote(
                             r["price_basis"], r["speed_basis"], r["checked"])
             out.print(cat)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def costs(
@@ -124,7 +124,7 @@ def costs(
         table.add_row("total", "", "", "", "", "", f"${total:.5f}", style="bold")
         out.print(table)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from broker.cli.common import guarded, out, print_json
@@ -113,12 +114,13 @@ def providers(
         table = Table("provider", "state", "circuit", "hardware", "probe", "job p50", "last error / detail")
         for r in rows:
             lat, p50 = r.get("latency_s"), r.get("latency_p50_s")
-            table.add_row(r["provider"], r.get("state", ""), r.get("circuit", "-"), r.get("hardware", ""),
-                          f"{lat * 1000:.0f} ms" if lat else "", f"{p50:.2f} s" if p50 else "",
-                          r.get("last_error") or r.get("detail", ""))
+            cells = (r["provider"], r.get("state", ""), r.get("circuit", "-"), r.get("hardware", ""),
+                     f"{lat * 1000:.0f} ms" if lat else "", f"{p50:.2f} s" if p50 else "",
+                     r.get("last_error") or r.get("detail", ""))
+            table.add_row(*(escape(str(c)) for c in cells))  # "[runpod] endpoint_id" must print as written
         out.print(table)
 
-    guarded(run)
+    guarded(run, as_json=as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from broker.cli.common import EXIT_BAD_INPUT, err, fail
 
@@ -54,7 +55,8 @@ def serve(
     if api_key is not None and not api_key.strip():
         fail("--api-key is empty", EXIT_BAD_INPUT)
     if api_key is None and host not in _LOOPBACK:
-        err.print(f"[yellow]warning:[/] serving on {host} without an API key: anyone who can reach it can run jobs")
+        err.print(f"[yellow]warning:[/] serving on {escape(host)} without an API key: anyone who can reach it "
+                  "can run jobs", highlight=False, soft_wrap=True)
 
     settings = Settings()
     engines.configure(settings.engines, settings.local.device)

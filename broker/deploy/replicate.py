@@ -10,6 +10,7 @@ plus this package and its requirements, staged into one build context.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tomllib
@@ -210,9 +211,13 @@ def stage_build_context(dest: Path) -> Path:
 
 
 def image_requirements() -> list[str]:
-    """broker's own dependencies plus the [local] engines (the image runs them on the GPU)."""
+    """broker's own dependencies plus the [local] engines (the image runs them on the GPU), plus
+    ``BROKER_EXTRA_PIP`` (your own engines, as EXTRA_PIP does for the Dockerfiles)."""
+    import shlex
+
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["local"]]
+    extra = shlex.split(os.environ.get("BROKER_EXTRA_PIP", ""))
+    return [*project["dependencies"], *project["optional-dependencies"]["local"], *extra]
 
 
 def write_config(path: Path, section: str, values: dict[str, Any]) -> Path:

@@ -1,7 +1,8 @@
 """The real generation code, shared by the local provider and every handler.
 
 ``synthesize``/``synthesize_stream``/``render`` are the three entry points. Engines
-are built once per process (cold start pays once) and torch is imported lazily.
+are built once per process (cold start pays once) and torch is imported lazily. Speech
+engines are the built-ins (piper, csm) plus plugins (``broker.engines.registry``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from broker.errors import EngineUnavailable, InvalidRequest
+from broker.errors import InvalidRequest
 from broker.media import Audio, Video
 from broker.types import RenderRequest, SpeechRequest
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from broker.engines.base import SpeechEngine
     from broker.settings import EngineSettings
 
+#: the built-in speech engines; ``available()`` says which engines (plugins included) run here
 SPEECH_ENGINES = ("piper", "csm")
 
 _engines: dict[str, SpeechEngine] = {}
@@ -62,43 +64,34 @@ def _nvidia_device_present() -> bool:
 def _engine_settings() -> EngineSettings:
     if _settings is not None:
         return _settings
-    from broker.settings import EngineSettings
+    from broker.settings import Settings
 
-    return EngineSettings()
+    # Not configured by a host: the user's configuration (file and BROKER_ENGINES__* variables) applies.
+    return Settings().engines
 
 
 def speech_engine(name: str | None = None) -> SpeechEngine:
     """The engine called ``name`` (default: settings' default), built and loaded once."""
+    from broker.engines import registry
+
     cfg = _engine_settings()
     name = name or cfg.default
-    if name not in SPEECH_ENGINES:
-        raise InvalidRequest("engine", f"unknown engine {name!r}; choose one of {', '.join(SPEECH_ENGINES)}")
+    if name not in registry.names(cfg):
+        raise InvalidRequest("engine", f"unknown engine {name!r}; choose one of {', '.join(registry.names(cfg))}")
     with _lock:
         engine = _engines.get(name)
         if engine is None:
-            engine = _build(name, cfg)
+            engine = registry.build(name, cfg, device())
             _engines[name] = engine
     engine.load()
     return engine
 
 
-def _build(name: str, cfg: EngineSettings) -> SpeechEngine:
-    if name == "piper":
-        from broker.engines.piper_engine import PiperEngine
+def available() -> list[str]:
+    """The speech engines this process really has (installed and configured; plugins included)."""
+    from broker.engines import registry
 
-        return PiperEngine(cfg.piper_voice, cfg.piper_voices, device=device())
-    if name == "csm":
-        try:
-            from broker.engines.csm_engine import CSMEngine
-        except ImportError as exc:
-            raise EngineUnavailable(f"the CSM engine needs transformers and torch: {exc}") from None
-        if not cfg.csm_path:
-            raise EngineUnavailable(
-                "the CSM engine needs local weights: set engines.csm_path (BROKER_ENGINES__CSM_PATH) "
-                "to a folder holding a transformers CsmForConditionalGeneration checkpoint"
-            )
-        return CSMEngine(cfg.csm_path, device=device())
-    raise AssertionError(name)
+    return registry.available(_engine_settings())
 
 
 def check(request: SpeechRequest | RenderRequest) -> None:

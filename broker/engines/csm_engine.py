@@ -108,7 +108,7 @@ class CSMEngine(SpeechEngine):
         with self._load_lock:
             if self._model is not None:
                 return
-            _check_folder(self._path)
+            check_weights_folder(self._path)
             try:
                 import torch
                 import transformers  # noqa: F401
@@ -199,7 +199,7 @@ class CSMEngine(SpeechEngine):
             history.append(_Turn(speaker, piece, audio))
             out = resample(audio, self.codec_rate, SAMPLE_RATE)[:samples_left]
             samples_left -= len(out)
-            yield Audio(out, SAMPLE_RATE)
+            yield Audio(out, SAMPLE_RATE, text=piece)
 
     # -- internals -----------------------------------------------------------
     def _speaker_id(self, speaker: int | str) -> int:
@@ -291,7 +291,7 @@ class _CancelStreamer:
         pass
 
 
-def _check_folder(path: Path) -> None:
+def check_weights_folder(path: Path) -> None:
     hint = "set engines.csm_path (BROKER_ENGINES__CSM_PATH) to a local CsmForConditionalGeneration folder"
     if not path.is_dir():
         raise EngineUnavailable(f"CSM weights folder {path} does not exist; {hint}")

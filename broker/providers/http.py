@@ -21,6 +21,7 @@ import httpx
 from pydantic import SecretStr
 
 from broker import wire
+from broker.engines import SPEECH_ENGINES
 from broker.errors import (
     AuthenticationFailed,
     BrokerError,
@@ -383,7 +384,9 @@ class HTTPProvider(Provider):
         self.pool = PoolClient(WorkerPool(clients), self.name)
         self.usd_per_hour = usd_per_hour
         self.limits = limits
-        self.capabilities = Capabilities.broker_worker(hardware)
+        # A remote image's engines cannot be seen from here: the built-ins unless its endpoint says
+        # (`engines = [...]`); broker_worker's own default is what *this* process has.
+        self.capabilities = Capabilities.broker_worker(hardware, engines=frozenset(SPEECH_ENGINES))
 
     def __repr__(self) -> str:
         return f"<HTTPProvider {', '.join(m.url for m in self.pool.pool.members)}>"

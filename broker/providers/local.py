@@ -111,14 +111,14 @@ class LocalJob(BackgroundJob):
                 await self.wait()
                 raise self.error or JobFailed(str(item), provider=self.provider)
             if pending is not None:
-                yield AudioChunk(pending, index, final=False)
+                yield AudioChunk(pending, index, final=False, text=pending.text)
                 index += 1
             pending = item
         await self.wait()
         if self.error is not None:
             raise self.error
         if pending is not None:
-            yield AudioChunk(pending, index, final=True)
+            yield AudioChunk(pending, index, final=True, text=pending.text)
 
 
 class LocalProvider(Provider):

@@ -33,6 +33,7 @@ import httpx
 from pydantic import SecretStr
 
 from broker import wire
+from broker.engines import SPEECH_ENGINES
 from broker.errors import (
     AuthenticationFailed,
     BrokerError,
@@ -336,7 +337,9 @@ class ModalProvider(Provider):
         else:
             self._lookup: Lookup = lookup or (lambda app, cls: SDKCalls(
                 app, cls, token_id=token_id, token_secret=token_secret, environment=environment))
-        self.capabilities = Capabilities.broker_worker(hardware)
+        # A remote image's engines cannot be seen from here: the built-ins unless its endpoint says
+        # (`engines = [...]`); broker_worker's own default is what *this* process has.
+        self.capabilities = Capabilities.broker_worker(hardware, engines=frozenset(SPEECH_ENGINES))
 
     def __repr__(self) -> str:
         how = "https" if self.http is not None else "sdk"

@@ -35,6 +35,7 @@ import httpx
 from pydantic import SecretStr
 
 from broker import wire
+from broker.engines import SPEECH_ENGINES
 from broker.errors import (
     AuthenticationFailed,
     BrokerError,
@@ -229,7 +230,9 @@ class ReplicateProvider(Provider):
         self.idle_billed_s = idle_billed_s
         self.inline_max_bytes = inline_max_bytes
         self.limits = limits
-        self.capabilities = Capabilities.broker_worker(hardware)
+        # A remote image's engines cannot be seen from here: the built-ins unless its endpoint says
+        # (`engines = [...]`); broker_worker's own default is what *this* process has.
+        self.capabilities = Capabilities.broker_worker(hardware, engines=frozenset(SPEECH_ENGINES))
         self._transport = transport
         self._timeout_s = timeout_s
         self._client: httpx.AsyncClient | None = None

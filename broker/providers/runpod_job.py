@@ -172,7 +172,7 @@ class RunPodJob(Job):
             raise self.error
         if received == 0 and isinstance(self.output, Audio):
             # A plain (non-generator) handler streams nothing; its whole result is the one chunk.
-            yield AudioChunk(self.output, 0, final=True)
+            yield AudioChunk(self.output, 0, final=True, text=self.request.text)
 
 
 # -- output and error decoding ----------------------------------------------------------

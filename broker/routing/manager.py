@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
+from broker._sync import run_sync
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
 from broker.media import Audio, AudioChunk, Video
 from broker.money.budget import Accountant, Budget
@@ -471,13 +472,16 @@ class CloudGPUManager(Provider):
         return out
 
     async def agenerate_speech(self, text: str, speaker: int | str = 0, context: Sequence[Segment] = (),
-                               max_length_ms: float | None = None, **options: Any) -> Audio:
+                               max_length_ms: float | None = None, *, return_tensor: bool | None = None,
+                               **options: Any) -> Any:
+        """What ``generate_speech`` returns (a tensor when torch is installed, else ``Audio``), awaited."""
         routing = {k: options.pop(k) for k in _ROUTING_OPTIONS if k in options}
         request = build(SpeechRequest, text=text, speaker=speaker, context=list(context),
                         max_length_ms=max_length_ms, **options)
         out = await self.arun(request, **routing)
         assert isinstance(out, Audio)
-        return out
+        want_tensor = _torch_installed() if return_tensor is None else return_tensor
+        return out.to_torch() if want_tensor else out
 
     async def arender(self, audio: Audio | Any | None = None, *, text: str | None = None,
                       avatar: bytes | None = None, **options: Any) -> Video:
@@ -545,9 +549,8 @@ class CloudGPUManager(Provider):
         ``return_tensor=False`` always returns ``Audio`` (with ``.report``); the last job's report is
         also at ``manager.last_report``. ``deadline_s=``, ``max_usd=`` and ``policy=`` route this call.
         """
-        audio = super().generate_speech(text, speaker, context, max_length_ms, **options)
-        want_tensor = _torch_installed() if return_tensor is None else return_tensor
-        return audio.to_torch() if want_tensor else audio
+        return run_sync(self.agenerate_speech(text, speaker, context, max_length_ms, return_tensor=return_tensor,
+                                              **options))
 
 
 async def _probe(p: Provider) -> HealthReport:

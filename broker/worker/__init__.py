@@ -93,11 +93,11 @@ def handle_stream(
         for piece in engines.synthesize_stream(request, cancel):
             # Hold one piece back so the last chunk can be marked final.
             if pending is not None:
-                yield wire.encode_chunk(job_id, index, pending, final=False, audio_format=fmt)
+                yield wire.encode_chunk(job_id, index, pending, final=False, text=pending.text, audio_format=fmt)
                 index += 1
             pending = piece
         if pending is not None:
-            yield wire.encode_chunk(job_id, index, pending, final=True, audio_format=fmt)
+            yield wire.encode_chunk(job_id, index, pending, final=True, text=pending.text, audio_format=fmt)
     except Exception as exc:
         if not isinstance(exc, InvalidRequest):
             log.exception("stream %s failed", job_id)

@@ -189,6 +189,8 @@ class WorkerState:
         info: dict[str, Any] = {
             "ready": self.ready.is_set() and self.error is None,
             "device": engines.device(),
+            #: the speech engines this worker really has (built-ins that can run here, plugins)
+            "engines": engines.available(),
             "running": self.running,
             "waiting": self.waiting,
             "served": self.served,

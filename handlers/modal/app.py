@@ -31,13 +31,23 @@ def _image() -> modal.Image:
     if cfg.image:
         # Built from containers/worker.Dockerfile and pushed by you; broker is installed in it.
         return modal.Image.from_registry(cfg.image)
-    return (
+    image = (
         modal.Image.debian_slim(python_version="3.11")
         .apt_install("libsndfile1", "ffmpeg")
         # torch is pinned in the [local] extra; on Linux that wheel carries CUDA.
         .pip_install_from_pyproject(str(ROOT / "pyproject.toml"), optional_dependencies=["local", "worker"])
-        .add_local_python_source("broker", ignore=["**/__pycache__/**", "**/*.pyc"])
     )
+    extra = extra_pip()
+    if extra:  # your own engines (`broker.engines` entry points), as EXTRA_PIP does for the Dockerfiles
+        image = image.pip_install(*extra)
+    return image.add_local_python_source("broker", ignore=["**/__pycache__/**", "**/*.pyc"])
+
+
+def extra_pip() -> list[str]:
+    """``BROKER_EXTRA_PIP`` at deploy time: more pip requirements (plugin engines) for the image."""
+    import shlex
+
+    return shlex.split(os.environ.get("BROKER_EXTRA_PIP", ""))
 
 
 def _container_env() -> dict[str, str | None]:
