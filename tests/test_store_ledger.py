@@ -143,7 +143,8 @@ def _budget_settings(url: str, daily: float) -> Settings:
 async def test_hundred_concurrent_jobs_never_overspend_a_small_budget(store_url: str) -> None:  # noqa: F811
     # Each job is quoted $0.002 and billed exactly that; reservations are twice the quote (within what is
     # left). $0.011 lets three run at once: a check that was not atomic would let more in and overspend.
-    fake = FakeProvider("gpu", latency_s=0.15, billed_seconds=0.2, usd_per_second=0.01)
+    # runs 0.05 s, billed a fixed 0.2 s: far from the 0.2-0.4 s its reservation allows, even on 2 busy cores
+    fake = FakeProvider("gpu", latency_s=0.05, billed_seconds=0.2, usd_per_second=0.01)
     budget = 0.011
     manager = CloudGPUManager([fake], settings=_budget_settings(store_url, budget), catalog=fake_catalog(fake))
     try:
