@@ -170,6 +170,29 @@ class AllProvidersFailed(BrokerError):
         return {**super().to_dict(), "attempts": [a.model_dump() for a in self.attempts]}
 
 
+class PieceFailed(AllProvidersFailed):
+    """One piece of a long job failed on every provider; the job stopped (finished pieces are kept)."""
+
+    code = "piece_failed"
+
+    def __init__(self, message: str, attempts: Sequence[Attempt] = (), *, piece: int | None = None,
+                 partial: str | None = None) -> None:
+        super().__init__(message, attempts)
+        self.piece = piece
+        self.partial = partial
+
+
+class BudgetStopped(BudgetExceeded):
+    """A long job reached its ``max_usd`` and stopped cleanly: partial output kept, resumable."""
+
+    code = "budget_stopped"
+
+    def __init__(self, message: str, *, spent_usd: float = 0.0, partial: str | None = None) -> None:
+        super().__init__(message)
+        self.spent_usd = spent_usd
+        self.partial = partial
+
+
 _BY_NAME: dict[str, type[BrokerError]] = {}
 
 

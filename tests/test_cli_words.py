@@ -63,7 +63,7 @@ def test_error_hints_print_verbatim(tmp_path: Path, args: list[str], blocked: li
 
 @pytest.mark.parametrize("args", [
     ["speak", "   ", "--json"],
-    ["speak", "Hello.", "-o", "x.mp3", "--json"],
+    ["speak", "Hello.", "-o", "x.ogg", "--json"],  # .mp3 is a supported output since long work
     ["render", "--json"],
     ["quote", "   ", "--json"],
 ])

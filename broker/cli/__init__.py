@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "broker.cli.workers",  # worker serve
     "broker.cli.bench",  # bench
     "broker.cli.serve",  # serve, serve keys
+    "broker.cli.longform",  # jobs
 )
 
 for _name in _COMMAND_MODULES:

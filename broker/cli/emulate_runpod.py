@@ -35,6 +35,10 @@ def emulate_runpod(
     ttl: Annotated[float | None, typer.Option("--ttl", help="Override every job's ttl (seconds).")] = None,
     reject_auth: Annotated[bool, typer.Option("--reject-auth", help="Answer every API call with 401.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the failure and crash dice.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1,
+                                         help="Real SDK workers behind the endpoint (its workersMax).")] = 1,
+    scale_from_zero: Annotated[bool, typer.Option(
+        "--scale-from-zero", help="Start no worker; add one (cold) per waiting job, up to --workers.")] = False,
 ) -> None:
     """Serve RunPod's job API, worker queue and REST API on loopback; change faults at /_emulator/faults."""
     from broker.testing.runpod_emulator import RunPodEmulator
@@ -45,7 +49,8 @@ def emulate_runpod(
     faults = Faults(cold_start_s=cold_start, failure_rate=failure_rate, stuck=stuck, crash_rate=crash_rate,
                     rate_limit_burst=rate_limit, retry_after_s=retry_after, ttl_s=ttl, reject_auth=reject_auth)
     emulator = RunPodEmulator(port=port, endpoint_id=endpoint_id, api_key=api_key, worker=worker, mode=mode,
-                              handler_path=handler, faults=faults, seed=seed, worker_log=worker_log)
+                              handler_path=handler, faults=faults, seed=seed, worker_log=worker_log,
+                              workers_max=workers, scale_from_zero=scale_from_zero)
     # Ctrl-C and a supervisor's SIGTERM both stop it cleanly, even when started from a background shell
     # (which hands its children SIGINT ignored, so Python would never raise KeyboardInterrupt).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -60,10 +65,14 @@ def emulate_runpod(
         exports = {**emulator.env(), "BROKER_LEDGER__PATH": str(emulator_ledger("runpod", emulator.port))}
         for key, value in exports.items():
             say(f"  export {key}={value}")
-        if worker:
+        if worker and scale_from_zero:
+            say(f"Worker log: {emulator.worker_log}")
+            say(f"No worker yet: up to {workers} start as jobs arrive, each with a cold start. Ctrl-C stops.")
+        elif worker:
             say(f"Worker log: {emulator.worker_log}")
             seconds = emulator.wait_for_worker(timeout=600)
-            say(f"Worker up after {seconds:.1f} s (import + engine load). Ctrl-C stops.")
+            say(f"{workers} worker(s) starting; the first was up after {seconds:.1f} s (import + engine load). "
+                "Ctrl-C stops.")
         else:
             say("No worker started; run the image (or handler.py) with:")
             for key, value in emulator.worker_environment("my-worker").items():

@@ -50,7 +50,11 @@ def _quote_rows(text: str, render: bool, engine: str | None, deadline: float | N
 
 
 def quote(
-    text: Annotated[str, typer.Argument(help="The text to speak (or to speak and render with --render).")],
+    text: Annotated[str | None, typer.Argument(
+        help="The text to speak (or to speak and render with --render).")] = None,
+    file: Annotated[str | None, typer.Option(
+        "--file", "-f", help="A book (.txt/.md/.epub): wall time and $ over 1, 4, 16, 64 workers and the mix.")
+    ] = None,
     render: Annotated[bool, typer.Option("--render", help="Quote a talking-head render of the text.")] = False,
     engine: Annotated[str | None, typer.Option("--engine", help="piper | csm (default: configured)")] = None,
     deadline: Annotated[float | None, typer.Option("--deadline", help="Seconds the job may take.")] = None,
@@ -61,6 +65,16 @@ def quote(
     """Rank the providers for TEXT: expected $ and seconds each, and why any was dropped."""
 
     def run() -> None:
+        from broker.errors import InvalidRequest
+
+        if (text is None) == (file is None):
+            raise InvalidRequest("text", "give TEXT or --file PATH (not both)")
+        if file is not None:
+            from broker.cli.longform import quote_file
+
+            quote_file(file, engine, as_json)
+            return
+        assert text is not None
         data = _quote_rows(text, render, engine, deadline, policy)
         if not whole_catalog:
             data.pop("catalog")

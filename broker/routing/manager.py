@@ -45,10 +45,12 @@ class ManagedJob(Job):
 
     def __init__(self, manager: CloudGPUManager, request: Request, stream: bool, *,
                  deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None,
-                 job_id: str | None = None) -> None:
+                 prefer: Sequence[str] = (), avoid: Sequence[str] = (), job_id: str | None = None) -> None:
         super().__init__(manager.name, job_id or uuid.uuid4().hex, request)
         self.report = JobReport(job_id=self.id, task=request.task)
         self.max_usd = max_usd
+        # a long job's scheduler steers each piece: its chosen endpoint first, saturated ones last
+        self.prefer, self.avoid = tuple(prefer), frozenset(avoid)
         self.policy = as_policy(policy) if policy is not None else manager.policy
         ms = manager.settings.manager
         self.deadline_s = deadline_s or ms.deadline_s or ms.default_deadline_s
@@ -59,6 +61,7 @@ class ManagedJob(Job):
         self._stream = stream
         self._tried: set[str] = set()
         self._runs: list[ProviderRun] = []
+        self._ran_on: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._inner: AsyncGenerator[AudioChunk, None] | None = None
         self._dropped: list[tuple[Candidate, str]] = []
@@ -68,7 +71,7 @@ class ManagedJob(Job):
     @property
     def providers_tried(self) -> list[str]:
         """The providers this job went to, in order (each at most once; retries stay inside one)."""
-        return [r.name for r in self._runs]
+        return [r.name for r in self._runs] or self._ran_on
 
     # -- bookkeeping used by ProviderRun ---------------------------------------------------------
     def remaining(self) -> float:
@@ -90,6 +93,16 @@ class ManagedJob(Job):
 
     # -- routing ---------------------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._run_routes()
+        finally:
+            # each ProviderRun points back at this job; dropping them once it has ended breaks the cycle,
+            # so the output is freed when the caller lets go of it, not at some late full GC (a book's
+            # pieces would otherwise pile up)
+            self._ran_on = [r.name for r in self._runs]
+            self._runs = []
+
+    async def _run_routes(self) -> None:
         try:
             out = await self._route()
         except BrokerError as exc:
@@ -117,8 +130,11 @@ class ManagedJob(Job):
             r.audio_seconds, r.frames, r.fps = out.audio_seconds, out.frames, out.fps
 
     def _plan(self) -> Ranking:
-        return self._manager.plan(self.request, exclude=self._tried, deadline_s=self.remaining(),
+        plan = self._manager.plan(self.request, exclude=self._tried, deadline_s=self.remaining(),
                                   max_usd=self.max_usd, policy=self.policy)
+        if self.prefer or self.avoid:
+            plan.ordered = steer(plan.ordered, self.prefer, self.avoid, self._manager.fallback)
+        return plan
 
     async def _next_plan(self) -> Ranking | None:
         """The providers to try next; waits for a circuit to half-open when none can take the job now."""
@@ -446,15 +462,19 @@ class CloudGPUManager(Provider):
 
     # -- running --------------------------------------------------------------------------------
     async def submit(self, request: Request, *, stream: bool = False, deadline_s: float | None = None,
-                     max_usd: float | None = None, policy: Any = None, job_id: str | None = None) -> Job:
-        """Accept ``request``; ``job_id`` names the job in the ledger and the report (a caller's own id)."""
+                     max_usd: float | None = None, policy: Any = None, job_id: str | None = None,
+                     prefer: Sequence[str] = (), avoid: Sequence[str] = ()) -> Job:
+        """Accept ``request``; ``job_id`` names the job in the ledger and the report (a caller's own id).
+
+        ``prefer``: endpoint names tried first, in that order; ``avoid``: tried only after the rest
+        (both soft: ranking, budgets and failover still apply; long jobs use them to spread pieces)."""
         request.check_limits(self.settings.limits)
         if not any(p.capabilities.supports(request) is None for p in self.all_providers):
             reasons = "; ".join(f"{p.name}: {p.capabilities.supports(request)}" for p in self.all_providers)
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
                                      + (f" ({reasons})" if reasons else ""))
         return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy,
-                          job_id=job_id)
+                          job_id=job_id, prefer=prefer, avoid=avoid)
 
     async def arun(self, request: Request, *, timeout: float | None = None, deadline_s: float | None = None,
                    max_usd: float | None = None, policy: Any = None, job_id: str | None = None) -> Output:
@@ -511,6 +531,18 @@ class CloudGPUManager(Provider):
             if not done:
                 await asyncio.shield(job.cancel())
 
+    async def aspeak_long(self, text_or_chapters: Any, *, output: Any = None, **options: Any) -> Any:
+        """A book (text, or a list of chapters) split, run across endpoints at once, stitched in order;
+        returns a ``broker.longform.LongResult``. Options: see ``broker.longform.LongJob``."""
+        from broker.longform import aspeak_long
+
+        return await aspeak_long(self, text_or_chapters, output=output, **options)
+
+    def speak_long(self, text_or_chapters: Any, *, output: Any = None, **options: Any) -> Any:
+        from broker._sync import run_sync
+
+        return run_sync(self.aspeak_long(text_or_chapters, output=output, **options))
+
     async def health(self) -> HealthReport:
         """Each provider's circuit state, latency and last error, plus its own probe where it has one."""
         everyone = self.all_providers
@@ -559,6 +591,21 @@ async def _probe(p: Provider) -> HealthReport:
             return await p.health()
     except Exception as exc:
         return HealthReport(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def steer(ordered: list[Candidate], prefer: Sequence[str], avoid: frozenset[str],
+          fallback: Provider | None) -> list[Candidate]:
+    """``ordered`` with ``prefer`` first and ``avoid`` just before the local fallback (which stays last)."""
+    rank = {name: i for i, name in enumerate(prefer)}
+
+    def key(c: Candidate) -> tuple[int, int]:
+        if c.name in rank:
+            return (0, rank[c.name])
+        if fallback is not None and c.provider is fallback:
+            return (3, 0)
+        return (2, 0) if c.name in avoid else (1, 0)
+
+    return sorted(ordered, key=key)  # stable: the policy's order holds within each group
 
 
 def _placeholder_quote(p: Provider) -> Quote:

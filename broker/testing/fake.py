@@ -25,6 +25,12 @@ Behaviours (one per submitted job):
 =============== ===================================================================
 
 Every job is kept in ``provider.jobs`` so a test can check none was left running.
+
+A latency model for scale tests: ``rtf`` adds run time in proportion to the audio made (seconds of
+compute per second of audio); ``max_concurrency`` gives the endpoint that many workers (jobs beyond
+them wait in its queue), each starting cold once (``cold_start_s``) and staying warm after; and
+``time_scale`` runs the clock fast (0.01: a 15 s job sleeps 0.15 s) while bills and reports stay in
+model seconds, so a 64-worker book finishes in seconds.
 """
 
 from __future__ import annotations
@@ -105,8 +111,11 @@ class FakeJob(BackgroundJob):
         self._provider = provider
         self._stream = stream
         self._run_started: float | None = None
-        self._cold = provider._take_cold_start()
-        if behaviour == "ok" and provider.queue_s == 0 and provider.latency_s == 0 and not self._cold:
+        self._model_s: float | None = None
+        pooled = provider._slots is not None
+        self._cold = False if pooled else provider._take_cold_start()
+        fast = provider.queue_s == 0 and provider.latency_s == 0 and not provider.rtf and not pooled
+        if behaviour == "ok" and fast and not self._cold:
             # Zero-latency fast path: done before submit returns, like a provider answering synchronously.
             self._set_state(JobState.RUNNING)
             self._run_started = time.monotonic()
@@ -120,15 +129,31 @@ class FakeJob(BackgroundJob):
         if self.behaviour == "stuck":
             await asyncio.sleep(_FOREVER)
         if p.queue_s:
-            await asyncio.sleep(p.queue_s)
+            await asyncio.sleep(p.queue_s * p.time_scale)
+        if p._slots is None:
+            await self._work()
+            return
+        async with p._slots:  # wait in the endpoint's queue for one of its workers
+            self._cold = p._take_worker()
+            try:
+                await self._work()
+            finally:
+                p._idle_workers += 1
+
+    async def _work(self) -> None:
+        p = self._provider
         self._set_state(JobState.RUNNING)
         self._run_started = time.monotonic()
         if self._cold:
-            await asyncio.sleep(p.cold_start_s)
+            await asyncio.sleep(p.cold_start_s * p.time_scale)
         if self.behaviour == "hang":
             await asyncio.sleep(_FOREVER)
-        if p.latency_s:
-            await asyncio.sleep(p.latency_s)
+        seconds = p.latency_s + (p.rtf * _audio_seconds(self.request) if p.rtf else 0.0)
+        if seconds:
+            await asyncio.sleep(seconds * p.time_scale)
+        if p.rtf is not None or p._slots is not None:
+            # the model's seconds, not the (scaled, loaded) clock's: the event loop's lag is not billed
+            self._model_s = seconds + (p.cold_start_s if self._cold else 0.0)
         self._finish()
 
     def _finish(self) -> None:
@@ -138,11 +163,13 @@ class FakeJob(BackgroundJob):
         elif self.behaviour == "lost":
             self._fail(JobLost("worker died mid-job", provider=self.provider, job_id=self.id), JobState.LOST)
         else:
-            self._succeed(make_output(self.request, self.behaviour))
+            self._succeed((self._provider.make or make_output)(self.request, self.behaviour))
 
     def _bill(self) -> Billing:
         p = self._provider
-        ran = time.monotonic() - self._run_started if self._run_started is not None else 0.0
+        ran = (time.monotonic() - self._run_started) / p.time_scale if self._run_started is not None else 0.0
+        if self._model_s is not None:
+            ran = self._model_s
         billed = ran + (p.idle_billed_s if self._run_started is not None else 0.0)
         if p.billed_seconds is not None and self._run_started is not None:
             billed = p.billed_seconds  # a fixed bill, whatever the clock says (deterministic budget tests)
@@ -195,8 +222,26 @@ class FakeProvider(Provider):
         tasks: frozenset[str] = frozenset({"speech", "render"}),
         engines: frozenset[str] = frozenset({"piper", "csm"}),
         streaming: bool = True,
+        rtf: float | None = None,
+        max_concurrency: int | None = None,
+        time_scale: float = 1.0,
+        make: Callable[[Request, str], Audio | Video] | None = None,
+        keep_jobs: bool = True,
     ) -> None:
+        if time_scale <= 0:
+            raise ValueError("time_scale must be positive")
         self.name = name
+        self.rtf = rtf
+        self.max_concurrency = max_concurrency
+        self.time_scale = time_scale
+        #: what a job returns, given its request and behaviour (default ``make_output``)
+        self.make = make
+        #: keep every job (and its output) in ``jobs``; a memory test of a long book turns this off
+        self.keep_jobs = keep_jobs
+        self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._idle_workers = 0
+        #: workers started (each paid one cold start)
+        self.workers_started = 0
         self.latency_s = latency_s
         self.queue_s = queue_s
         self.cold_start_s = cold_start_s
@@ -232,6 +277,14 @@ class FakeProvider(Provider):
         self._warm = True
         return cold
 
+    def _take_worker(self) -> bool:
+        """A free worker for the next job: a warm one if any is idle, else a new one (cold when modelled)."""
+        if self._idle_workers:
+            self._idle_workers -= 1
+            return False
+        self.workers_started += 1
+        return self.cold_start_s > 0
+
     def set_script(self, script: Script) -> None:
         self._next = self._behaviour_source(script)
 
@@ -248,7 +301,8 @@ class FakeProvider(Provider):
         if behaviour == "invalid":
             raise InvalidRequest("text", f"{self.name} rejects this text")
         job = FakeJob(self, request, behaviour, stream)
-        self.jobs.append(job)
+        if self.keep_jobs:
+            self.jobs.append(job)
         return job
 
     async def health(self) -> HealthReport:

@@ -39,6 +39,7 @@ from broker.testing.runpod_jobs import IN_PROGRESS, EmulatedJob, Faults, JobBook
 from broker.testing.runpod_rest import RestStore
 from broker.testing.runpod_workers import (
     WorkerInfo,
+    WorkerScaler,
     default_handler_path,
     kill_group,
     spawn_worker,
@@ -73,6 +74,8 @@ class RunPodEmulator:
         worker_log: Path | str | None = None,
         long_poll_s: float = 10.0,
         ping_interval_ms: int = 1000,
+        workers_max: int = 1,
+        scale_from_zero: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -100,6 +103,8 @@ class RunPodEmulator:
         self._stopping = False
         self._reaper: asyncio.Task[None] | None = None
         self._worker_count = 0
+        #: like an endpoint's workersMax: up to this many SDK workers; from zero, one starts (cold) per waiting job
+        self.scaler = WorkerScaler(max(1, workers_max), scale_from_zero)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> RunPodEmulator:
@@ -130,7 +135,8 @@ class RunPodEmulator:
         if failure:
             raise failure[0]
         if self.run_worker:
-            self._call(self._spawn_worker())
+            for _ in range(self.scaler.initial()):
+                self._call(self._spawn_worker())
         return self
 
     def stop(self) -> None:
@@ -282,6 +288,9 @@ class RunPodEmulator:
                 self.book.worker_died(w.id, code)
                 log.warning("RunPod worker %s exited with code %s", w.id, code)
                 if self.faults.restart_workers and not self._stopping:
+                    await self._spawn_worker()
+            if self.run_worker and not self._stopping:
+                for _ in range(self.scaler.to_start(self.workers.values(), len(self.book.queue))):
                     await self._spawn_worker()
             await self.book.notify()
             await asyncio.sleep(0.1)

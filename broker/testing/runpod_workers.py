@@ -9,6 +9,7 @@ import site
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +106,22 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 0.5) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+
+
+class WorkerScaler:
+    """How many SDK workers to run: ``workers_max`` from the start, or from zero growing with the queue
+    (one new worker, with its own cold start, for each waiting job no starting worker will take)."""
+
+    def __init__(self, workers_max: int = 1, from_zero: bool = False) -> None:
+        self.workers_max = workers_max
+        self.from_zero = from_zero
+
+    def initial(self) -> int:
+        return 0 if self.from_zero else self.workers_max
+
+    def to_start(self, workers: Iterable[WorkerInfo], waiting: int) -> int:
+        if not self.from_zero or waiting == 0:
+            return 0
+        managed = [w for w in workers if w.proc is not None and w.alive and not w.stopping]
+        starting = sum(1 for w in managed if w.first_poll is None)
+        return max(0, min(self.workers_max - len(managed), waiting - starting))
