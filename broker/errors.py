@@ -55,6 +55,14 @@ class ConfigurationError(BrokerError):
     code = "configuration_error"
 
 
+class NotConfigured(ConfigurationError):
+    """An endpoint lacks what it needs to run (``missing``: "endpoint id", "API key", ...)."""
+
+    def __init__(self, message: str, missing: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
 class ProviderNotInstalled(BrokerError, ImportError):
     """A provider's optional SDK is missing; the message carries the install hint."""
 

@@ -11,17 +11,49 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError
 
+from broker.endpoint_config import (
+    KIND_SETTINGS,
+    NAME_PATTERN,
+    SECTION_KINDS,
+    CommaList,
+    EndpointOptions,
+    OptionalCommaList,
+    PluginEndpointSettings,
+    check_names,
+    endpoint_tables,
+    errors_line,
+    name_list,
+    section_label,
+)
+from broker.errors import ConfigurationError
 from broker.types import Limits
+
+__all__ = [
+    "KIND_SETTINGS", "NAME_PATTERN", "SECTION_KINDS", "CommaList", "EndpointOptions", "EngineSettings",
+    "HTTPWorkerSettings", "LedgerSettings", "LocalMode", "LocalSettings", "ManagerSettings", "ModalSettings",
+    "OptionalCommaList", "PluginEndpointSettings", "ReplicateSettings", "RunPodSettings", "Settings",
+    "config_path", "load", "name_list", "section_label",
+]
 
 
 def config_path() -> Path:
@@ -40,6 +72,8 @@ class LocalSettings(BaseModel):
     device: str = "auto"
     #: jobs that may run at once on this machine's device
     concurrency: int = 1
+    #: what this machine costs per hour: the price local competes at when manager.local = "ranked"
+    usd_per_hour: float = Field(default=0.0, ge=0)
 
 
 class EngineSettings(BaseModel):
@@ -56,7 +90,7 @@ class EngineSettings(BaseModel):
     plugins: dict[str, str] = Field(default_factory=dict)
 
 
-class RunPodSettings(BaseModel):
+class RunPodSettings(EndpointOptions):
     """A RunPod serverless (queue) endpoint running ``handlers/runpod/handler.py``."""
 
     endpoint_id: str | None = None
@@ -65,9 +99,10 @@ class RunPodSettings(BaseModel):
     base_url: str = "https://api.runpod.ai/v2"
     #: RunPod's management REST API (templates, endpoints) used by `broker deploy runpod`
     rest_url: str = "https://rest.runpod.io/v1"
+    #: the price row: a GPU ("A100-80GB", "L4", ...) or "cpu" for a CPU endpoint
     hardware: str = "A100-80GB"
     #: engines the deployed image carries
-    engines: list[str] = Field(default_factory=lambda: ["piper"])
+    engines: OptionalCommaList = Field(default_factory=lambda: ["piper"])
     #: a job still IN_QUEUE after this long is cancelled and the endpoint reported unavailable
     queue_timeout_s: float = 60.0
     #: sent as policy.executionTimeout; RunPod stops the job (TIMED_OUT) past it (must be > 5 s)
@@ -83,8 +118,14 @@ class RunPodSettings(BaseModel):
     endpoint_name: str = "broker"
     #: a pushed image ("registry/user/broker-runpod:tag"); built and pushed by deploy when docker runs
     image: str | None = None
+    #: "GPU" or "CPU" (RunPod serverless CPU workers: computeType CPU, cpuFlavorIds, vcpuCount)
+    compute_type: Literal["GPU", "CPU"] = "GPU"
     #: RunPod gpuTypeIds (or a hardware shorthand such as "A100-80GB") in order of preference
-    gpu_types: list[str] = Field(default_factory=lambda: ["A100-80GB"])
+    gpu_types: CommaList = Field(default_factory=lambda: ["A100-80GB"])
+    #: CPU endpoints: RunPod cpuFlavorIds in order of preference (cpu3c, cpu3g, cpu5c, cpu5g)
+    cpu_flavors: CommaList = Field(default_factory=lambda: ["cpu3c", "cpu5c"])
+    #: CPU endpoints: vCPUs per worker
+    vcpu_count: int = Field(default=2, ge=1)
     workers_min: int = 0
     workers_max: int = 3
     idle_timeout_s: int = 5
@@ -93,7 +134,7 @@ class RunPodSettings(BaseModel):
     handler_mode: str = "stream"
 
 
-class ModalSettings(BaseModel):
+class ModalSettings(EndpointOptions):
     """A Modal app deployed from handlers/modal/app.py (provider name: modal).
 
     The same fields drive `broker deploy modal` and the app itself: the app module reads
@@ -131,7 +172,7 @@ class ModalSettings(BaseModel):
     request_timeout_s: float = 900.0
 
 
-class ReplicateSettings(BaseModel):
+class ReplicateSettings(EndpointOptions):
     #: where predictions go, first set wins: a deployment ("owner/name"), a version id, a model ("owner/name")
     deployment: str | None = None
     model: str | None = None
@@ -155,13 +196,13 @@ class ReplicateSettings(BaseModel):
     max_instances: int = 1
 
 
-class HTTPWorkerSettings(BaseModel):
+class HTTPWorkerSettings(EndpointOptions):
     """A self-hosted `broker worker serve` (provider name: http)."""
 
     url: str | None = None
     #: several workers (a pool): each job goes to the one with the shortest /ready queue, and fails
     #: over to the others first; ``url`` (if set) is the pool's first member
-    urls: list[str] = Field(default_factory=list)
+    urls: CommaList = Field(default_factory=list)
     api_key: SecretStr | None = None
     hardware: str = "cpu"
     #: $/hour of one machine it runs on, for quotes (a rented VM is paid by the hour)
@@ -181,10 +222,17 @@ class HTTPWorkerSettings(BaseModel):
         return len(dict.fromkeys([*([self.url] if self.url else []), *self.urls]))
 
 
+LocalMode = Literal["fallback", "ranked", "off"]
+
+
 class ManagerSettings(BaseModel):
-    #: providers to route across, in preference order when quotes tie
-    providers: list[str] = Field(default_factory=lambda: ["local"])
-    #: end the chain at the local provider when every cloud provider fails (it is never ranked by price)
+    #: endpoints to route across (names, or kinds meaning every endpoint of that kind), in preference
+    #: order when quotes tie; None = every endpoint that is configured (credentials + its id/app/url)
+    providers: OptionalCommaList = None
+    #: local's place: "fallback" = the last resort when every cloud endpoint fails (never ranked by price);
+    #: "ranked" = competes like any endpoint at local.usd_per_hour; "off" = never used
+    local: LocalMode = "fallback"
+    #: deprecated (use local): false = local is not the last resort (ranked if listed in providers, else off)
     fallback_local: bool = True
     #: "cheapest" | "fastest" | "deadline" (code can pass any policy object or callable)
     policy: str = "cheapest"
@@ -226,6 +274,22 @@ class ManagerSettings(BaseModel):
     validate_output: bool = True
     #: performance profiles merged over the packaged ones (same columns as broker/data/profiles.csv)
     profiles_path: str | None = None
+
+    @field_validator("providers", mode="after")
+    @classmethod
+    def _provider_names(cls, value: list[str] | None) -> list[str] | None:
+        return check_names(value)
+
+    def local_mode(self, listed: bool | None = None) -> LocalMode:
+        """Local's place, honouring the deprecated ``fallback_local`` when ``local`` was not set.
+
+        ``listed``: whether the endpoints routed name local (default: whether ``providers`` does).
+        """
+        if "local" in self.model_fields_set or self.fallback_local:
+            return self.local
+        if listed is None:
+            listed = self.providers is not None and "local" in self.providers
+        return "ranked" if listed else "off"  # the old meaning: local competes if listed, else is not used
 
 
 class LedgerSettings(BaseModel):
@@ -290,6 +354,9 @@ class Settings(BaseSettings):
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    #: named endpoints, [endpoints.NAME] with kind = "runpod" | "modal" | "replicate" | "http" | a plugin kind
+    endpoints: Annotated[dict[str, SerializeAsAny[EndpointOptions]], BeforeValidator(endpoint_tables)] = Field(
+        default_factory=dict)
     #: price overrides: a CSV with the catalog's columns, merged over the packaged one
     prices_path: str | None = None
 
@@ -308,19 +375,55 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    def __init__(self, **values: Any) -> None:
+        # A bad value anywhere (file, environment, code) is one line naming the key, never a traceback.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid configuration ({_origin()}): {errors_line(exc)}") from None
+        except SettingsError as exc:
+            cause = exc.__cause__
+            detail = f"{exc}" + (f": {cause}" if cause is not None else "")
+            raise ConfigurationError(f"invalid configuration ({_origin()}): {detail}") from None
+
     @model_validator(mode="after")
     def _provider_env_secrets(self) -> Settings:
         """Fill credentials from each provider's own variable when the config left them out."""
-        for (section, attr), var in _ENV_SECRETS.items():
+        for (kind, attr), var in _ENV_SECRETS.items():
             value = os.environ.get(var)
-            target = getattr(self, section)
-            if value and getattr(target, attr) is None:
-                setattr(target, attr, SecretStr(value))
+            if not value:
+                continue
+            targets = [getattr(self, kind)] + [e for e in self.endpoints.values() if e.kind == kind]
+            for target in targets:
+                if getattr(target, attr) is None:
+                    setattr(target, attr, SecretStr(value))
         return self
+
+    def endpoint_configs(self) -> dict[str, tuple[str, EndpointOptions]]:
+        """Every endpoint the configuration describes: name → (kind, its settings), named ones first.
+
+        The one-per-kind sections ([runpod], [modal], [replicate], [http]) are endpoints named after
+        their kind, unless an [endpoints.NAME] table takes that name.
+        """
+        found: dict[str, tuple[str, EndpointOptions]] = {
+            name: (cfg.kind or name, cfg) for name, cfg in self.endpoints.items()
+        }
+        for kind in SECTION_KINDS:
+            found.setdefault(kind, (kind, getattr(self, kind)))
+        return found
 
     def redacted(self) -> dict[str, Any]:
         """A dict safe to print: secrets appear as '**********' or null."""
         return self.model_dump(mode="json")
+
+
+KIND_SETTINGS.update(runpod=RunPodSettings, modal=ModalSettings, replicate=ReplicateSettings,
+                     http=HTTPWorkerSettings)
+
+
+def _origin() -> str:
+    path = config_path()
+    return f"{path} or BROKER_* variables" if path.is_file() else "BROKER_* variables"
 
 
 def load(**overrides: Any) -> Settings:

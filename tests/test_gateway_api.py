@@ -157,3 +157,54 @@ def test_webhook_arrives_once_signed(tmp_path: Path) -> None:
     assert not verify("other-secret", headers, body)
     event = json.loads(body)
     assert event["id"] == job["id"] and event["state"] == "succeeded"
+
+
+def test_a_book_fans_out_and_streams_while_it_runs(tmp_path: Path) -> None:
+    import av
+
+    slow = FakeProvider("slow", usd_per_second=0.001, latency_s=0.15)
+    manager = fake_manager(tmp_path, slow)
+    chapters = [{"title": f"Part {i}", "text": " ".join(f"Sentence {j} of part {i} goes on a while." for j in
+                                                        range(40))} for i in range(1, 4)]
+    with LoopbackServer(gateway_app(tmp_path, manager)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        for fmt in ("wav", "m4b"):
+            r = c.post("/v1/jobs", json={"kind": "long_speech", "input": {"chapters": chapters},
+                                         "options": {"output_format": fmt}})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            wait_state(c, job_id, ("running",))
+            with c.stream("GET", f"/v1/jobs/{job_id}/output") as live:  # follows the book as it is written
+                assert live.status_code == 200
+                parts = list(live.iter_bytes())
+            view = wait_state(c, job_id)
+            assert view["state"] == "succeeded", view
+            summary = view["attempts"][0]
+            assert summary["pieces"] > 3 and view["progress"] == 1.0
+            if fmt == "wav":
+                assert view["cost_usd"] > 0 and summary["pieces_run"] == summary["pieces"]
+            else:  # the same book again: every piece comes from the journal, nothing is paid twice
+                assert view["cost_usd"] == 0 and summary["pieces_reused"] == summary["pieces"]
+            final = c.get(f"/v1/jobs/{job_id}/output").content
+            streamed = b"".join(parts)
+            assert len(streamed) == len(final)
+            if fmt == "wav":
+                # the audio arrived as it was made; only the header's sizes are filled in at the end
+                assert len(parts) > 2 and streamed[44:] == final[44:]
+                samples, rate = sf.read(io.BytesIO(final))
+                assert len(samples) / rate > 30
+            else:
+                assert streamed == final  # an M4B's index comes last: it is sent once the book is done
+                with av.open(io.BytesIO(final)) as book:
+                    assert [ch["metadata"]["title"] for ch in book.chapters()] == ["Part 1", "Part 2", "Part 3"]
+
+
+def test_book_bad_input_is_refused_before_anything_runs(server: LoopbackServer) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/v1/jobs", json={"kind": "long_speech", "input": {"chapters": []}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "input.chapters"
+        r = c.post("/v1/jobs", json={"kind": "long_speech", "input": {"text": "Hi.", "speaker": -1}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "speaker"
+        r = c.post("/v1/jobs", json={"kind": "long_speech", "input": {"text": "Hi."},
+                                     "options": {"output_format": "ogg"}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "options.output_format"
+    assert server.fast.jobs == []  # type: ignore[attr-defined]

@@ -18,8 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.cli import app
-from broker.deploy.runpod import write_endpoint_id
+from broker.deploy.runpod import NO_IMAGE, DeployOptions, write_endpoint_id
 from broker.providers.runpod import RunPodProvider
+from broker.routing.manager import CloudGPUManager
+from broker.settings import Settings
 from broker.testing.runpod_emulator import RunPodEmulator
 from broker.types import SpeechRequest
 from tests.conftest import ROOT
@@ -79,7 +81,12 @@ def test_deploy_creates_then_updates_in_place(emu: RunPodEmulator, tmp_path: Pat
     assert template["name"] == "tts-a-template" and template["imageName"] == IMAGE and template["isServerless"]
     assert template["env"] == {"BROKER_ENGINES__DEFAULT": "piper", "BROKER_RUNPOD_MODE": "stream"}
     written = config.read_text()
-    assert tomllib.loads(written)["runpod"]["endpoint_id"] == first["endpoint_id"]
+    recorded = tomllib.loads(written)
+    assert recorded["endpoints"]["tts-a"] == {"kind": "runpod", "endpoint_id": first["endpoint_id"],
+                                              "hardware": "A100-80GB", "engines": ["piper"], "workers_max": 2,
+                                              "compute_type": "GPU"}
+    assert "endpoint_id" not in recorded["runpod"]  # --name records a named endpoint, not the [runpod] one
+    assert "providers" not in recorded["manager"]  # unset: every configured endpoint is routed, tts-a too
     assert "# Example broker configuration." in written and 'hardware = "A100-80GB"' in written
     assert emu.api_key not in written
     calls = fake_docker[1].read_text().splitlines()
@@ -102,7 +109,7 @@ async def test_deployed_endpoint_takes_jobs(emu: RunPodEmulator, tmp_path: Path,
     config = tmp_path / "broker.toml"
     code, output = deploy(emu, config, fake_docker[0], "--image", IMAGE, "--name", "tts-b", "--json")
     assert code == 0, output
-    endpoint_id = tomllib.loads(config.read_text())["runpod"]["endpoint_id"]
+    endpoint_id = tomllib.loads(config.read_text())["endpoints"]["tts-b"]["endpoint_id"]
     rp = RunPodProvider(endpoint_id, emu.api_key, base_url=emu.base_url, queue_timeout_s=None)
     job = await rp.submit(SpeechRequest(text="Hi"))
     assert emu.job(job.id)["status"] == "IN_QUEUE"
@@ -163,6 +170,71 @@ def test_config_writing_keeps_comments(tmp_path: Path) -> None:
     assert tomllib.loads(out)["manager"] == tomllib.loads(original)["manager"]
     write_endpoint_id(config, "again")
     assert tomllib.loads(config.read_text())["runpod"]["endpoint_id"] == "again"
+
+
+def test_named_endpoint_joins_a_listed_providers_and_keeps_comments(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text('# mine\n[manager]\nproviders = ["runpod", "local"]  # keep this\n')
+    options = DeployOptions(name="rp-cpu", compute_type="CPU", engine="piper", workers_max=5)
+    write_endpoint_id(config, "cpu123", "rp-cpu", options)
+    text = config.read_text()
+    assert "# keep this" in text and "[endpoints.rp-cpu]" in text
+    data = tomllib.loads(text)
+    assert data["manager"]["providers"] == ["runpod", "local", "rp-cpu"]
+    assert data["endpoints"]["rp-cpu"] == {"kind": "runpod", "endpoint_id": "cpu123", "hardware": "cpu",
+                                           "engines": ["piper"], "workers_max": 5, "compute_type": "CPU"}
+    write_endpoint_id(config, "cpu456", "rp-cpu", options)  # again: updated in place, listed once
+    data = tomllib.loads(config.read_text())
+    assert data["manager"]["providers"].count("rp-cpu") == 1 and data["endpoints"]["rp-cpu"]["endpoint_id"] == "cpu456"
+    # without a name the [runpod] section is the endpoint: a CPU one is recorded as priced like one
+    write_endpoint_id(config, "cpu789", None, options)
+    assert tomllib.loads(config.read_text())["runpod"] == {"endpoint_id": "cpu789", "hardware": "cpu",
+                                                           "compute_type": "CPU"}
+    assert DeployOptions(gpu_types=["NVIDIA L40S"]).hardware == "L40S"  # priced under its shorthand
+
+
+def test_cpu_endpoint_dry_run_needs_no_image_and_no_key(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    result = CliRunner().invoke(app, ["deploy", "runpod", "--name", "rp-cpu", "--cpu", "--dry-run", "--json"],
+                                env={"BROKER_CONFIG": str(config), "RUNPOD_API_KEY": ""})
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    template, endpoint, record = plan["steps"]
+    assert template["body"]["category"] == "CPU" and template["body"]["imageName"] == NO_IMAGE
+    assert endpoint["body"]["computeType"] == "CPU" and endpoint["body"]["cpuFlavorIds"] == ["cpu3c", "cpu5c"]
+    assert endpoint["body"]["vcpuCount"] == 2 and "gpuTypeIds" not in endpoint["body"]
+    assert "[endpoints.rp-cpu]" in record["detail"] and not config.exists()
+    text = CliRunner().invoke(app, ["deploy", "runpod", "--name", "rp-cpu", "--cpu", "--dry-run"],
+                              env={"BROKER_CONFIG": str(config), "RUNPOD_API_KEY": ""})
+    assert text.exit_code == 0 and "CPU cpu3c/cpu5c x 2 vCPU" in text.output and "no --image given" in text.output
+    bad = CliRunner().invoke(app, ["deploy", "runpod", "--name", "x", "--cpu-flavor", "cpu9z", "--dry-run"],
+                             env={"BROKER_CONFIG": str(config)})
+    assert bad.exit_code == 2 and "cpu3c, cpu3g, cpu5c, cpu5g" in bad.output
+
+
+async def test_cpu_endpoint_deploys_to_the_emulator_and_is_routed(emu: RunPodEmulator, tmp_path: Path,
+                                                                   fake_docker: tuple[Path, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "broker.toml"
+    code, output = deploy(emu, config, fake_docker[0], "--image", IMAGE, "--name", "rp-cpu", "--cpu",
+                          "--cpu-flavor", "cpu5c", "--vcpus", "4", "--json")
+    assert code == 0, output
+    endpoint = emu.rest.endpoints[json.loads(output)["endpoint_id"]]
+    assert (endpoint["computeType"], endpoint["cpuFlavorIds"], endpoint["vcpuCount"]) == ("CPU", ["cpu5c"], 4)
+    assert emu.rest.templates[endpoint["templateId"]]["category"] == "CPU"
+    recorded = tomllib.loads(config.read_text())["endpoints"]["rp-cpu"]
+    assert recorded["hardware"] == "cpu-4" and recorded["compute_type"] == "CPU"
+    # a CPU flavour RunPod does not sell is refused by the emulator as by RunPod
+    bad = httpx.post(f"{emu.rest_url}/endpoints", headers={"Authorization": f"Bearer {emu.api_key}"},
+                     json={"templateId": endpoint["templateId"], "computeType": "CPU", "cpuFlavorIds": ["cpu9z"]})
+    assert bad.status_code == 400 and "cpuFlavorIds" in bad.text
+    # configured means routed: the recorded endpoint is one the manager routes to, priced as a RunPod CPU
+    monkeypatch.setenv("BROKER_CONFIG", str(config))
+    monkeypatch.setenv("RUNPOD_API_KEY", emu.api_key)
+    manager = CloudGPUManager(settings=Settings(ledger={"path": ":memory:"}))
+    (rp,) = manager.providers
+    assert (rp.name, rp.kind, rp.capabilities.hardware, rp.max_concurrency) == ("rp-cpu", "runpod", "cpu-4", 3)
+    await manager.aclose()
 
 
 def test_emulate_runpod_command(tmp_path: Path) -> None:

@@ -92,12 +92,19 @@ class TaskSpeed:
 
 @dataclass
 class Calibration:
+    #: the endpoint's name (rows and the ledger use it)
     provider: str
     hardware: str
     jobs: list[JobTiming] = field(default_factory=list)
     speeds: dict[str, TaskSpeed] = field(default_factory=dict)
     #: task → why it could not be measured
     errors: dict[str, str] = field(default_factory=dict)
+    #: the provider kind: price rows key on it (several endpoints may share one); "" = same as provider
+    kind: str = ""
+
+    @property
+    def price_kind(self) -> str:
+        return self.kind or self.provider
 
     @property
     def cost_usd(self) -> float:
@@ -233,7 +240,7 @@ async def calibrate(
     on_timing: Callable[[JobTiming], Any] | None = None,
 ) -> Calibration:
     """Run the calibration jobs of ``tasks`` on ``provider`` (one at a time, so they do not disturb each other)."""
-    cal = Calibration(provider=provider.name, hardware=provider.capabilities.hardware)
+    cal = Calibration(provider=provider.name, hardware=provider.capabilities.hardware, kind=provider.kind)
     runs = 1 + max(0, warm_runs)
     speech_out: Audio | None = None
     for task in ("speech", "render"):

@@ -238,9 +238,10 @@ def monthly(row: BenchRow, price: PriceRow | None, jobs: int, *, min_workers: in
 
 
 def keep_warm(settings: Settings, provider: str) -> tuple[int, float | None]:
-    """(workers kept warm, idle timeout) the configuration asks of ``provider`` (0, None when it says nothing)."""
-    names = KEEP_WARM_SETTINGS.get(provider)
-    section = getattr(settings, provider, None)
+    """(workers kept warm, idle timeout) the configuration asks of endpoint (or kind) ``provider``
+    (0, None when it says nothing)."""
+    kind, section = settings.endpoint_configs().get(provider, (provider, getattr(settings, provider, None)))
+    names = KEEP_WARM_SETTINGS.get(kind)
     if names is None or section is None:
         return 0, None
     min_name, idle_name = names

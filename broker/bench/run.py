@@ -38,7 +38,7 @@ from broker.bench.model import (
     project,
     row_dict,
 )
-from broker.errors import BrokerError, InvalidRequest
+from broker.errors import InvalidRequest
 from broker.money.pricing import Catalog, PriceRow
 from broker.types import estimate_speech_seconds
 
@@ -189,18 +189,20 @@ def _wanted(name: str, options: BenchOptions) -> bool:
 
 
 def _live_providers(options: BenchOptions, settings: Settings, skipped: dict[str, str]) -> list[Provider]:
-    from broker.providers import registry
+    """The endpoints to measure: those named (endpoint names or kinds), else every configured one, and local."""
+    from broker.providers import endpoints
 
-    names = list(options.providers) if options.providers is not None else registry.names()
-    found: list[Provider] = []
-    for name in names:
-        if name == "local" and not settings.local.enabled:
-            skipped[name] = "disabled (local.enabled = false)"
-            continue
-        try:
-            found.append(registry.create(name, settings))
-        except BrokerError as exc:
-            skipped[name] = exc.message
+    # Every configured endpoint, whatever manager.providers routes, and local as one more to measure.
+    manager = settings.manager.model_copy(update={"local": "ranked", "providers": None})
+    routing = endpoints.resolve(settings.model_copy(update={"manager": manager}), options.providers)
+    asked = None if options.providers is None else {endpoints.norm(n) for n in options.providers}
+    for row in routing.rows:
+        named = asked is None or endpoints.norm(row.name) in asked or row.kind in asked
+        if not row.routed and named and not row.reason.startswith("excluded"):
+            skipped[row.name] = row.detail or row.reason
+    found = list(routing.ranked)
+    if options.providers is not None and "local" not in options.providers:
+        found = [p for p in found if p.kind != "local"]
     return found
 
 
@@ -271,7 +273,7 @@ async def abench(
     local_hw: str | None = None
     fallbacks: set[tuple[str, str, str]] = set()
     for cal in calibrations:
-        row = catalog.price(cal.provider, cal.hardware)
+        row = catalog.price(cal.price_kind, cal.hardware)  # prices key on the kind; the row names the endpoint
         hardware = row.hardware[0] if row is not None else cal.hardware  # the catalog's spelling, to line up
         _, idle = keep_warm(settings, cal.provider)
         if cal.provider == "local":
@@ -302,10 +304,12 @@ async def abench(
     rows.sort(key=lambda r: (order[r.workload], r.usd is None, r.usd or 0.0, r.wall_s))
 
     month: list[MonthlyRow] = []
+    kinds = {cal.provider: cal.price_kind for cal in calibrations}  # measured rows name endpoints
     if options.volume:
         for r in rows:
             n_warm, idle = keep_warm(settings, r.provider)
-            month.append(monthly(r, catalog.price(r.provider, r.hardware), options.volume, min_workers=n_warm,
+            month.append(monthly(r, catalog.price(kinds.get(r.provider, r.provider), r.hardware), options.volume,
+                                 min_workers=n_warm,
                                  idle_s=idle))
     mode = "+".join(m for m, on in (("live", options.live), ("estimate", options.estimate)) if on) or "estimate"
     return BenchResult(mode=mode, engine=engine, workloads=workloads, rows=rows, seconds_per_word=spw,

@@ -8,6 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from broker.cli.common import guarded, out, print_json
+from broker.errors import ConfigurationError
+
+NO_IMAGE = "<--image not given>"  # the same as broker.deploy.runpod.NO_IMAGE, without importing httpx here
 
 
 def say(line: str) -> None:
@@ -17,7 +20,13 @@ def say(line: str) -> None:
 def deploy_runpod(
     image: Annotated[str | None, typer.Option("--image", help="Image to deploy, e.g. you/broker-runpod:0.1 "
                                               "(built and pushed when docker runs here).")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Endpoint name (template: NAME-template).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Endpoint name, on RunPod (template: NAME-template) "
+                                             "and in the config as [endpoints.NAME]; default: the [runpod] "
+                                             "section's endpoint.")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="A serverless CPU endpoint (no GPU): cheap for Piper.")] = False,
+    cpu_flavor: Annotated[list[str] | None, typer.Option("--cpu-flavor", help="CPU endpoints: cpu3c, cpu3g, "
+                                                         "cpu5c or cpu5g; repeat in order of preference.")] = None,
+    vcpus: Annotated[int | None, typer.Option("--vcpus", help="CPU endpoints: vCPUs per worker (default 2).")] = None,
     build: Annotated[bool | None, typer.Option("--build/--no-build",
                                                help="Build and push the image (default: when docker runs).")] = None,
     gpu: Annotated[list[str] | None, typer.Option("--gpu", help="GPU pool: a RunPod gpuTypeId or a shorthand "
@@ -45,7 +54,9 @@ def deploy_runpod(
         from broker.settings import Settings, config_path
 
         settings = Settings()
-        rp = settings.runpod
+        endpoint = None if name is None or name == "runpod" else name
+        rp = _endpoint_settings(settings, endpoint)
+        compute = "CPU" if cpu or cpu_flavor or vcpus else ("GPU" if gpu else rp.compute_type)
         options = DeployOptions(
             name=name or rp.endpoint_name,
             image=image or rp.image,
@@ -60,31 +71,55 @@ def deploy_runpod(
             voice=voice,
             mode=mode or rp.handler_mode,
             endpoint_id=rp.endpoint_id,
+            compute_type=compute,
+            cpu_flavors=list(cpu_flavor) if cpu_flavor else list(rp.cpu_flavors),
+            vcpu_count=vcpus if vcpus is not None else rp.vcpu_count,
         )
         deployer = RunPodDeployer(rp.api_key, rest_url or rp.rest_url)
-        plan = deployer.plan(options)
         target = (config or config_path()).expanduser()
         if dry_run:
-            _show_plan(plan, target, as_json)
+            _show_plan(deployer.plan(options, dry_run=True), target, endpoint, as_json)
             return
+        plan = deployer.plan(options)
         report = (lambda _: None) if as_json else say
         if not any(s.action == "build" for s in plan.steps):
             report(f"not building: using the pushed image {options.image} (docker is not running here or --no-build)")
         result = deployer.apply(plan, log=report)
-        write_endpoint_id(target, result.endpoint_id)
+        write_endpoint_id(target, result.endpoint_id, endpoint, options)
+        where = _where(endpoint)
         if as_json:
             print_json({"endpoint_id": result.endpoint_id, "template_id": result.template_id,
-                        "created": result.created, "updated": result.updated, "config": str(target)})
+                        "created": result.created, "updated": result.updated, "config": str(target),
+                        "endpoint": endpoint or "runpod", "compute_type": options.compute_type})
             return
-        say(f"RunPod endpoint {result.endpoint_id} is ready; wrote [runpod] endpoint_id to {target}")
+        say(f"RunPod endpoint {result.endpoint_id} is ready; wrote {where} to {target}")
 
     guarded(run, as_json=as_json)
 
 
-def _show_plan(plan: Any, target: Path, as_json: bool) -> None:
+def _endpoint_settings(settings: Any, endpoint: str | None) -> Any:
+    """The settings to deploy from: [endpoints.NAME] when it exists, else the [runpod] section's."""
+    from broker.providers.endpoints import norm
+
+    if endpoint is not None:
+        for found, cfg in settings.endpoints.items():
+            if norm(found) == norm(endpoint):
+                if cfg.kind != "runpod":
+                    raise ConfigurationError(f"[endpoints.{found}] is a {cfg.kind} endpoint, not a RunPod one")
+                return cfg
+        # A new endpoint: the [runpod] section's deploy defaults, but not its endpoint id.
+        return settings.runpod.model_copy(update={"endpoint_id": None})
+    return settings.runpod
+
+
+def _where(endpoint: str | None) -> str:
+    return f"[endpoints.{endpoint}] (kind, endpoint_id, hardware, engines)" if endpoint else "[runpod] endpoint_id"
+
+
+def _show_plan(plan: Any, target: Path, endpoint: str | None, as_json: bool) -> None:
     steps = [{"action": s.action, "detail": s.detail, **({"body": s.body} if s.body else {}),
               **({"command": s.command} if s.command else {})} for s in plan.steps]
-    steps.append({"action": "write config", "detail": f"[runpod] endpoint_id in {target}"})
+    steps.append({"action": "write config", "detail": f"{_where(endpoint)} in {target}"})
     if as_json:
         print_json({"dry_run": True, "steps": steps, "unchecked": plan.unchecked})
         return
@@ -95,6 +130,8 @@ def _show_plan(plan: Any, target: Path, as_json: bool) -> None:
             say(f"     $ {' '.join(step['command'])}")
     if plan.unchecked:
         say(f"Note: {plan.unchecked}")
+    if plan.options.image == NO_IMAGE:
+        say("Note: no --image given; a real deploy needs one (it is built and pushed there when docker runs).")
 
 
 def register(app: typer.Typer) -> None:

@@ -16,13 +16,16 @@ from broker.types import RenderRequest, SpeechRequest, build
 
 
 def _manager(provider: str | None) -> Any:
+    from broker.providers import endpoints
     from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
 
     settings = Settings()
     if provider:
-        # An explicit provider means that provider only: no silent fallback elsewhere.
-        settings.manager.fallback_local = provider == "local"
+        # An explicit endpoint means that endpoint only: no silent fallback elsewhere. One that does not
+        # exist or is not configured is a configuration error (exit 2) saying which and what is missing.
+        endpoints.require(settings, provider)
+        settings.manager.local = "ranked" if endpoints.norm(provider) == "local" else "off"
         return CloudGPUManager([provider], settings=settings)
     return CloudGPUManager(settings=settings)
 

@@ -6,6 +6,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from broker.cli.common import guarded, out, print_json
@@ -26,17 +27,21 @@ def _quote_rows(text: str, render: bool, engine: str | None, deadline: float | N
     ranked = []
     for i, c in enumerate(plan.ordered, start=1):
         q = c.quote
+        fallback = manager.fallback is not None and c.provider is manager.fallback
         ranked.append({
-            "rank": i, "provider": q.provider, "hardware": q.hardware,
+            "rank": i, "provider": q.provider, "kind": c.provider.kind, "hardware": q.hardware,
             "expected_usd": round(q.expected_usd, 8), "expected_seconds": round(q.expected_seconds, 3),
             "queue_s": round(q.breakdown.get("queue", 0.0), 3),
             "cold_start_s": round(q.breakdown.get("cold_start", 0.0), 3),
             "run_s": round(q.breakdown.get("run", 0.0), 3), "speed_basis": q.basis,
             "priced": "unpriced" not in q.breakdown,
-            "fallback": manager.fallback is not None and c.provider is manager.fallback,
+            "fallback": fallback,
+            "role": "fallback" if fallback else "ranked",
         })
-    dropped = [{"provider": c.name, "reason": why} for c, why in plan.dropped]
-    dropped += [{"provider": name, "reason": why} for name, why in manager.skipped.items()]
+    # Dropped for this job (engine, task, circuit, budget, deadline), then not routed at all (configuration).
+    dropped = [{"provider": c.name, "reason": why, "stage": "plan"} for c, why in plan.dropped]
+    dropped += [{"provider": r.name, "reason": r.reason, "detail": r.detail, "stage": "config"}
+                for r in manager.endpoints if not r.routed]
     catalog = []
     for row in manager.catalog.prices():
         q = manager.catalog.quote(row.provider, row.hardware[0], request, default_engine=settings.engines.default)
@@ -46,7 +51,19 @@ def _quote_rows(text: str, render: bool, engine: str | None, deadline: float | N
                         "checked": row.checked})
     catalog.sort(key=lambda r: (r["expected_usd"], r["expected_seconds"]))
     return {"task": request.task, "words": len(text.split()), "policy": policy or settings.manager.policy,
-            "ranked": ranked, "dropped": dropped, "catalog": catalog}
+            "local": _local_role(manager), "ranked": ranked, "dropped": dropped, "catalog": catalog}
+
+
+def _local_role(manager: Any) -> str:
+    """What local does in this ranking, in words (`broker quote` prints it under the table)."""
+    mode = manager.local_mode
+    if mode == "off" or not any(p.kind == "local" for p in manager.all_providers):
+        return "off: local never runs jobs (manager.local = \"off\" or local disabled)"
+    if mode == "ranked":
+        usd_h = manager.settings.local.usd_per_hour
+        return f"ranked: competes with the cloud at local.usd_per_hour = {usd_h:g} (manager.local = \"ranked\")"
+    return ("fallback: runs a job only when every cloud endpoint failed or was dropped, never ranked by price "
+            "(manager.local = \"fallback\"; \"ranked\" lets it compete)")
 
 
 def quote(
@@ -86,12 +103,14 @@ def quote(
         for r in data["ranked"]:
             usd = f"${r['expected_usd']:.5f}" if r["priced"] else "unpriced"
             split = f"{r['queue_s']:.1f} + {r['cold_start_s']:.1f} + {r['run_s']:.1f}"
-            name = r["provider"] + (" (fallback)" if r["fallback"] else "")
-            table.add_row(str(r["rank"]), name, r["hardware"], usd, f"{r['expected_seconds']:.1f}", split,
-                          r["speed_basis"])
+            name = r["provider"] + (" (fallback)" if r["fallback"] else " (ranked)" if r["kind"] == "local" else "")
+            table.add_row(*(escape(str(c)) for c in (r["rank"], name, r["hardware"], usd,
+                                                      f"{r['expected_seconds']:.1f}", split, r["speed_basis"])))
         out.print(table)
+        out.print(f"[dim]local:[/] {escape(data['local'])}", highlight=False)
         for d in data["dropped"]:
-            out.print(f"[dim]dropped[/] {d['provider']}: {d['reason']}", highlight=False)
+            what = "dropped" if d["stage"] == "plan" else "not routed"
+            out.print(f"[dim]{what}[/] {escape(d['provider'])}: {escape(d['reason'])}", highlight=False)
         if whole_catalog:
             cat = Table("provider", "hardware", "expected $", "expected s", "price", "speed", "checked",
                         title="every catalog row, cold start included (configured or not)")

@@ -5,8 +5,14 @@ Idempotent: the endpoint is found by id (from the config) or by name, its templa
 are updated in place; every endpoint gets its own template ("<name>-template").
 
 REST shapes: RunPod's OpenAPI document (github.com/runpod/docs api-reference/openapi.json, commit
-a900806 of 2026-08-20): ``POST/GET /templates``, ``PATCH /templates/{id}``, ``POST/GET /endpoints``,
-``PATCH /endpoints/{id}``; Bearer auth.
+a900806 of 2026-08-20, read again 2026-12-01): ``POST/GET /templates``, ``PATCH /templates/{id}``,
+``POST/GET /endpoints``, ``PATCH /endpoints/{id}``; Bearer auth.
+
+CPU endpoints (``--cpu``), from the same document's ``EndpointCreateInput``: ``computeType`` is "GPU"
+(default) or "CPU"; with CPU, ``cpuFlavorIds`` (enum cpu3c, cpu3g, cpu5c, cpu5g; the order is the rent
+order) and ``vcpuCount`` (default 2) apply and the GPU fields are ignored; a template's ``category`` is
+NVIDIA, AMD or CPU. runpod/runpod-python issue #545 reports a CPU create coming back as a GPU endpoint:
+check the console after a first CPU deploy.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ GPU_SHORTHANDS: dict[str, list[str]] = {
     "RTX3090": ["NVIDIA GeForce RTX 3090"],
 }
 
+#: RunPod's serverless CPU flavours (EndpointCreateInput.cpuFlavorIds enum, 2026-08-20)
+CPU_FLAVORS = ("cpu3c", "cpu3g", "cpu5c", "cpu5g")
+#: what the plan shows when no image was given (a dry run needs none)
+NO_IMAGE = "<--image not given>"
+
 Runner = Callable[[Sequence[str]], int]
 
 
@@ -69,6 +80,31 @@ class DeployOptions:
     #: endpoint to update (from the config); found by name when absent or gone
     endpoint_id: str | None = None
     base_image: str = "broker-base:local"
+    #: "GPU" or "CPU" (a serverless CPU endpoint: cpu_flavors × vcpu_count, no GPU)
+    compute_type: str = "GPU"
+    cpu_flavors: list[str] = field(default_factory=lambda: ["cpu3c", "cpu5c"])
+    vcpu_count: int = 2
+
+    @property
+    def cpu(self) -> bool:
+        return self.compute_type == "CPU"
+
+    @property
+    def hardware(self) -> str:
+        """The price row the endpoint is quoted with: "cpu" (2 vCPUs) / "cpu-N", or the first GPU."""
+        if self.cpu:
+            return "cpu" if self.vcpu_count == 2 else f"cpu-{self.vcpu_count}"
+        first = self.gpu_types[0] if self.gpu_types else "A100-80GB"
+        # a gpuTypeId ("NVIDIA L40S") is priced under its shorthand ("L40S")
+        return next((short for short, ids in GPU_SHORTHANDS.items() if first in ids), first)
+
+    def summary(self) -> str:
+        """What the endpoint runs on, for plans and logs."""
+        if self.cpu:
+            where = f"CPU {'/'.join(self.cpu_flavors)} x {self.vcpu_count} vCPU"
+        else:
+            where = f"GPU {', '.join(self.gpu_type_ids())}"
+        return f"{where}; workers {self.workers_min}-{self.workers_max}; image {self.image}"
 
     def gpu_type_ids(self) -> list[str]:
         ids: list[str] = []
@@ -89,7 +125,16 @@ class DeployOptions:
             raise ConfigurationError("--idle-timeout must be between 1 and 3600 seconds")
         if self.execution_timeout_s <= 5:
             raise ConfigurationError("--execution-timeout must be more than 5 seconds")
-        if not self.gpu_type_ids():
+        if self.compute_type not in ("GPU", "CPU"):
+            raise ConfigurationError(f"compute type must be GPU or CPU, not {self.compute_type!r}")
+        if self.cpu:
+            bad = [f for f in self.cpu_flavors if f not in CPU_FLAVORS]
+            if bad or not self.cpu_flavors:
+                raise ConfigurationError(f"--cpu-flavor must be one of {', '.join(CPU_FLAVORS)}"
+                                         + (f", not {', '.join(bad)}" if bad else ""))
+            if not 1 <= self.vcpu_count <= 64:
+                raise ConfigurationError("--vcpus must be between 1 and 64")
+        elif not self.gpu_type_ids():
             raise ConfigurationError("give at least one GPU type (--gpu)")
 
 
@@ -175,13 +220,16 @@ class RunPodDeployer:
         return resp.json() if resp.content else None
 
     # -- plan --------------------------------------------------------------------------
-    def plan(self, options: DeployOptions, *, build: bool | None = None) -> DeployPlan:
+    def plan(self, options: DeployOptions, *, build: bool | None = None, dry_run: bool = False) -> DeployPlan:
+        """What a deploy would do. A dry run needs no image (the plan shows where it goes) and no key."""
         options.validate()
         if not options.image:
-            raise ConfigurationError(
-                "give the image to deploy with --image registry/user/broker-runpod:TAG ([runpod] image); "
-                "it is built and pushed there when docker runs here, else it must already be pushed")
-        steps = self._image_steps(options, build)
+            if not dry_run:
+                raise ConfigurationError(
+                    "give the image to deploy with --image registry/user/broker-runpod:TAG ([runpod] image); "
+                    "it is built and pushed there when docker runs here, else it must already be pushed")
+            options.image = NO_IMAGE
+        steps = self._image_steps(options, build) if options.image != NO_IMAGE else []
         template_body = self.template_body(options)
         endpoint_body = self.endpoint_body(options)
         template_id = endpoint_id = None
@@ -201,9 +249,9 @@ class RunPodDeployer:
             steps.append(Step("create template", template_body["name"], template_body))
         endpoint_body = {**endpoint_body, "templateId": template_id or "<new template>"}
         if endpoint_id:
-            steps.append(Step("update endpoint", f"{endpoint_id} ({options.name})", endpoint_body))
+            steps.append(Step("update endpoint", f"{endpoint_id} ({options.name}: {options.summary()})", endpoint_body))
         else:
-            steps.append(Step("create endpoint", options.name, endpoint_body))
+            steps.append(Step("create endpoint", f"{options.name} ({options.summary()})", endpoint_body))
         return DeployPlan(options, steps, template_id, endpoint_id, unchecked)
 
     def _image_steps(self, options: DeployOptions, build: bool | None) -> list[Step]:
@@ -237,7 +285,7 @@ class RunPodDeployer:
             "name": f"{options.name}-template",
             "imageName": options.image,
             "isServerless": True,
-            "category": "NVIDIA",
+            "category": "CPU" if options.cpu else "NVIDIA",
             "containerDiskInGb": options.container_disk_gb,
             "volumeInGb": 0,
             "ports": [],
@@ -245,10 +293,12 @@ class RunPodDeployer:
         }
 
     def endpoint_body(self, options: DeployOptions) -> dict[str, Any]:
+        compute: dict[str, Any] = (
+            {"computeType": "CPU", "cpuFlavorIds": list(options.cpu_flavors), "vcpuCount": options.vcpu_count}
+            if options.cpu else {"computeType": "GPU", "gpuTypeIds": options.gpu_type_ids(), "gpuCount": 1})
         return {
             "name": options.name,
-            "gpuTypeIds": options.gpu_type_ids(),
-            "gpuCount": 1,
+            **compute,
             "workersMin": options.workers_min,
             "workersMax": options.workers_max,
             "idleTimeout": options.idle_timeout_s,
@@ -309,7 +359,8 @@ class RunPodDeployer:
             else:
                 endpoint_id = str(self._rest(client, "POST", "endpoints", endpoint)["id"])
                 created.append(f"endpoint {endpoint_id}")
-            log(f"endpoint {endpoint_id} ({plan.options.name}) on {', '.join(endpoint['gpuTypeIds'])}")
+            hardware = endpoint.get("cpuFlavorIds") or endpoint.get("gpuTypeIds") or []
+            log(f"endpoint {endpoint_id} ({plan.options.name}) on {', '.join(hardware)}")
         return DeployResult(endpoint_id, template_id, created, updated)
 
 
@@ -318,8 +369,24 @@ def _run_command(command: Sequence[str]) -> int:
 
 
 # -- the config file -------------------------------------------------------------------
-def write_endpoint_id(path: Path, endpoint_id: str) -> Path:
-    """Set [runpod] endpoint_id in the TOML config at ``path``, keeping everything else as it was."""
-    from broker.deploy.configfile import update_section
+def write_endpoint_id(path: Path, endpoint_id: str, endpoint: str | None = None,
+                      options: DeployOptions | None = None) -> Path:
+    """Record the deployed endpoint in the TOML config at ``path``, keeping everything else as it was.
 
-    return update_section(path, "runpod", {"endpoint_id": endpoint_id})
+    ``endpoint`` None (or "runpod"): ``[runpod] endpoint_id``. A name: the table ``[endpoints.NAME]``
+    with kind, endpoint_id and what routing needs to know of it (hardware, engines, workers_max); and
+    when the file lists ``manager.providers`` the name is added, so the new endpoint is routed.
+    """
+    from broker.deploy.configfile import add_to_list, update_section
+
+    values: dict[str, Any] = {"endpoint_id": endpoint_id}
+    if endpoint is None or endpoint == "runpod":
+        if options is not None and options.cpu:  # a CPU endpoint is priced as one, not as the GPU default
+            values.update(hardware=options.hardware, compute_type="CPU")
+        return update_section(path, "runpod", values)
+    values = {"kind": "runpod", **values}
+    if options is not None:
+        values.update(hardware=options.hardware, engines=[options.engine], workers_max=options.workers_max,
+                      compute_type=options.compute_type)
+    update_section(path, ("endpoints", endpoint), values)
+    return add_to_list(path, ("manager", "providers"), endpoint, only_if_present=True)

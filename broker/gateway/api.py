@@ -24,7 +24,7 @@ from broker.gateway import metrics
 from broker.gateway.jobs import STATES, IdempotencyConflict, JobStore
 from broker.gateway.outputs import OutputStore
 from broker.gateway.queues import JobQueue
-from broker.gateway.runner import AUDIO_FORMATS, JobRunner, decode_job_request
+from broker.gateway.runner import AUDIO_FORMATS, LONG_FORMATS, JobRunner, LongRequest, decode_job_request
 from broker.gateway.tenants import OPEN_TENANT, KeyStore, Tenant
 
 STATIC = Path(__file__).with_name("static")
@@ -33,20 +33,24 @@ JOB_EXAMPLES = {
     "speech": {"summary": "Speech", "value": {
         "kind": "speech", "input": {"text": "Chapter one. It was a bright cold day.", "speaker": 0},
         "options": {"output_format": "wav", "max_usd": 0.05}}},
+    "book": {"summary": "A book, split across workers and stitched in order", "value": {
+        "kind": "long_speech", "input": {"chapters": [{"title": "One", "text": "It began. Then it went on."},
+                                                      {"title": "Two", "text": "And it ended."}]},
+        "options": {"output_format": "m4b"}}},
     "render": {"summary": "Talking head from text", "value": {
         "kind": "render", "input": {"text": "Hi there!", "fps": 25, "size": 512}}},
 }
 JOB_SCHEMA = {
     "type": "object", "required": ["kind", "input"],
     "properties": {
-        "kind": {"type": "string", "enum": ["speech", "render"]},
+        "kind": {"type": "string", "enum": ["speech", "render", "long_speech"]},
         "input": {"type": "object", "description": "the request fields of the Python API: text, speaker, "
                   "max_length_ms, engine, context; for renders audio, avatar (MEDIA: {b64|url, mime}), "
                   "avatar_preset, mouth_box, fps, size"},
         "options": {"type": "object", "properties": {
             "deadline_s": {"type": "number", "exclusiveMinimum": 0},
             "max_usd": {"type": "number", "minimum": 0},
-            "output_format": {"type": "string", "enum": list(AUDIO_FORMATS)}}},
+            "output_format": {"type": "string", "enum": list(LONG_FORMATS)}}},
         "webhook_url": {"type": "string", "format": "uri"},
     },
 }
@@ -165,8 +169,9 @@ def check_options(body: dict[str, Any]) -> None:
                 value != value or value == float("inf") or (name == "deadline_s" and value == 0):
             raise InvalidRequest(f"options.{name}", "must be a positive number")
     fmt = options.get("output_format")
-    if fmt is not None and fmt not in AUDIO_FORMATS:
-        raise InvalidRequest("options.output_format", f"must be one of {', '.join(AUDIO_FORMATS)}")
+    formats = LONG_FORMATS if body.get("kind") == "long_speech" else AUDIO_FORMATS
+    if fmt is not None and fmt not in formats:
+        raise InvalidRequest("options.output_format", f"must be one of {', '.join(formats)}")
     hook = body.get("webhook_url")
     if hook is not None and (not isinstance(hook, str) or not hook.startswith(("http://", "https://"))
                              or len(hook) > 2048):
@@ -196,7 +201,8 @@ def create_app(gw: Gateway) -> FastAPI:
         body = await parse_job_body(gw, request)
         req = decode_job_request(body)
         check_options(body)
-        req.check_limits(gw.manager.settings.limits)
+        if not isinstance(req, LongRequest):  # a book's limit is per piece, checked as it is split
+            req.check_limits(gw.manager.settings.limits)
         if tenant.rate_per_minute is not None:
             recent = await gw.jobs.created_since(tenant.id, time.time() - 60.0)
             if recent >= tenant.rate_per_minute:
@@ -365,7 +371,7 @@ def _output_response(gw: Gateway, key: str, mime: str) -> Response:
 def _guess_mime(body: dict[str, Any]) -> str:
     if body.get("kind") == "render":
         return "video/mp4"
-    return AUDIO_FORMATS.get(str((body.get("options") or {}).get("output_format") or "wav"), "audio/wav")
+    return LONG_FORMATS.get(str((body.get("options") or {}).get("output_format") or "wav"), "audio/wav")
 
 
 async def _follow(gw: Gateway, job_id: str, poll_s: float = 0.2) -> Any:
@@ -384,7 +390,9 @@ async def _follow(gw: Gateway, job_id: str, poll_s: float = 0.2) -> Any:
                 yield chunk[skip:]
                 skip = 0
             return
-        partial = gw.outputs.partial_path(f"{job_id}.{_ext(job.request)}")
+        ext = _ext(job.request)
+        # MP4-family files (m4a, m4b) put their index at the end: there is nothing playable to send early
+        partial = None if ext in ("m4a", "m4b", "mp4") else gw.outputs.partial_path(f"{job_id}.{ext}")
         if partial is not None and partial.exists():
             with open(partial, "rb") as fh:
                 fh.seek(sent)

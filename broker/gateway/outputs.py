@@ -1,7 +1,8 @@
 """Where finished outputs live: a directory (default) or an S3-compatible bucket (boto3).
 
-A running job writes ``<id>.partial`` and renames it when done, so a reader never mistakes a half-written
-file for a finished one, and ``GET /v1/jobs/{id}/output`` can follow a partial file as it grows.
+A long job's writer fills a hidden file beside ``<id>.<ext>`` and renames it when done, so a reader never
+mistakes a half-written file for a finished one, and ``GET /v1/jobs/{id}/output`` can follow the hidden file
+as it grows.
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ class DirectoryOutputs(OutputStore):
                 yield chunk
 
     def delete(self, key: str) -> None:
-        for p in (self._path(key), self._path(key + ".partial")):
-            p.unlink(missing_ok=True)
+        self._path(key).unlink(missing_ok=True)
 
     def partial_path(self, key: str) -> Path | None:
-        return self._path(key + ".partial")
+        from broker.longform.writer import in_progress
+
+        return in_progress(self._path(key))
 
 
 class S3Outputs(OutputStore):

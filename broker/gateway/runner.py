@@ -27,11 +27,15 @@ from broker.gateway.outputs import OutputStore
 from broker.gateway.tenants import KeyStore
 from broker.gateway.webhooks import deliver
 from broker.media import Audio, Video
+from broker.types import SpeechRequest, build
 
 log = logging.getLogger("broker.gateway.runner")
 
 AUDIO_FORMATS = {"wav": "audio/wav", "flac": "audio/flac"}
-KINDS = ("speech", "render")
+#: what a book can be written as (the long-work writer's formats)
+LONG_FORMATS = {**AUDIO_FORMATS, "mp3": "audio/mpeg", "m4a": "audio/mp4", "m4b": "audio/mp4"}
+KINDS = ("speech", "render", "long_speech")
+_LONG_FIELDS = ("speaker", "engine", "temperature", "topk")
 JOB_SHAPE = {"kind": "speech", "input": {"text": "Hello.", "speaker": 0}}
 
 
@@ -49,7 +53,45 @@ def decode_job_request(body: dict[str, Any]) -> Any:
     if not isinstance(inp, dict):
         raise InvalidRequest("input", "must be a JSON object with the request fields (text, speaker, ...), as in "
                              f"{json.dumps(JOB_SHAPE)}")
+    if kind == "long_speech":
+        return decode_long_request(inp)
     return wire.decode_request({"v": wire.WIRE_VERSION, "task": kind, "input": inp})
+
+
+@dataclass
+class LongRequest:
+    """A book: chapters and the speech settings every piece shares."""
+
+    chapters: list[Any]
+    fields: dict[str, Any]
+
+
+def decode_long_request(inp: dict[str, Any]) -> LongRequest:
+    """``{"text": "…"}`` (chapters from "Chapter N" lines / Markdown headings) or ``{"chapters": [{title, text}]}``."""
+    from broker.longform import Chapter, as_chapters
+
+    fields = {k: inp[k] for k in _LONG_FIELDS if inp.get(k) is not None}
+    build(SpeechRequest, text="check", **fields)  # bad settings are refused now, naming the field
+    unknown = set(inp) - {"text", "chapters", *_LONG_FIELDS}
+    if unknown:
+        raise InvalidRequest("input", f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    if "chapters" in inp:
+        raw = inp["chapters"]
+        if not isinstance(raw, list) or not raw:
+            raise InvalidRequest("input.chapters", "must be a non-empty list of {title, text}")
+        chapters = []
+        for i, c in enumerate(raw):
+            if not isinstance(c, dict) or not isinstance(c.get("text"), str) or not c["text"].strip():
+                raise InvalidRequest(f"input.chapters.{i}", "must be {\"title\": …, \"text\": \"…\"} with text")
+            chapters.append(Chapter(str(c.get("title") or f"Chapter {i + 1}"), c["text"]))
+        return LongRequest(chapters, fields)
+    text = inp.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequest("input.text", "is required: the book's text (or give input.chapters)")
+    chapters = as_chapters(text)
+    if not chapters:
+        raise InvalidRequest("input.text", "has nothing to speak")
+    return LongRequest(chapters, fields)
 
 
 @dataclass
@@ -71,6 +113,8 @@ class JobRunner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.latencies: list[float] = []
         self.running = 0
+        #: fraction done of the long jobs running here (sent with each lease renewal)
+        self._progress: dict[str, float] = {}
         #: notified whenever a job this replica ran finishes (``GET /v1/jobs/{id}?wait=`` listens)
         self.finished = asyncio.Condition()
 
@@ -101,6 +145,9 @@ class JobRunner:
         report = None
         try:
             request = decode_job_request(body)
+            if isinstance(request, LongRequest):
+                await self._run_long(job, request, options)
+                return
             run = asyncio.ensure_future(self.manager.arun(
                 request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id))
             try:
@@ -143,9 +190,45 @@ class JobRunner:
         interval = max(0.2, self.config.lease_s / 3)
         while True:
             await asyncio.sleep(interval)
-            if not await self.jobs.renew(job_id, self.owner, self.config.lease_s):
+            if not await self.jobs.renew(job_id, self.owner, self.config.lease_s, self._progress.get(job_id)):
                 task.cancel()
                 raise LeaseLost(job_id)
+
+    async def _run_long(self, job: JobRow, request: LongRequest, options: dict[str, Any]) -> None:
+        """A book through the long-work scheduler; its journal makes a rerun (another replica) redo only
+        missing pieces. Written where ``GET …/output`` can follow it as it grows."""
+        import tempfile
+        from pathlib import Path
+
+        from broker.gateway.outputs import DirectoryOutputs
+        from broker.longform import LongJob
+
+        fmt = str(options.get("output_format") or "wav")
+        local = isinstance(self.outputs, DirectoryOutputs)
+        folder = self.outputs.root if isinstance(self.outputs, DirectoryOutputs) else Path(tempfile.mkdtemp())
+        key = f"{job.id}.{fmt}"
+
+        def progress(p: Any) -> None:
+            self._progress[job.id] = p.done / max(1, p.total)
+
+        long_job = LongJob(self.manager, request.chapters, output=folder / key, max_usd=options.get("max_usd"),
+                           deadline_s=options.get("deadline_s"), on_progress=progress,
+                           command=f"gateway job {job.id}", **request.fields)
+        try:
+            result = await long_job.run()
+        finally:
+            long_job.close()
+            self._progress.pop(job.id, None)
+        path = folder / key
+        size = path.stat().st_size
+        if not local:
+            self.outputs.put(key, path.read_bytes(), LONG_FORMATS[fmt])
+            path.unlink()
+        top = max(result.providers.items(), key=lambda kv: kv[1])[0] if result.providers else None
+        await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=result.cost_usd, provider=top,
+                               attempts=[{"pieces": result.pieces, "pieces_run": result.pieces_run,
+                                          "pieces_reused": result.pieces_reused, "providers": result.providers}],
+                               output_key=key, output_mime=LONG_FORMATS[fmt], output_bytes=size)
 
     def _encode(self, job_id: str, out: Audio | Video, options: dict[str, Any]) -> tuple[str, str, bytes]:
         if isinstance(out, Video):

@@ -9,6 +9,7 @@ per chapter (written into the moov at close, which is why chapters are collected
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tempfile
@@ -44,6 +45,14 @@ def check_output_path(path: Path, field: str = "output") -> str:
     if path.expanduser().is_dir():
         raise InvalidRequest(field, f"{path} is a directory")
     return ext
+
+
+def in_progress(path: Path) -> Path | None:
+    """The hidden file a writer for ``path`` is filling right now, if any (readers may follow it as it grows)."""
+    path = path.expanduser()
+    found = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(path.suffix)}"),
+                   key=lambda p: p.stat().st_mtime if p.exists() else 0.0)
+    return found[-1] if found else None
 
 
 def partial_path(path: Path) -> Path:
@@ -170,4 +179,4 @@ def chapter_file_name(index: int, title: str, ext: str) -> str:
     return f"{index + 1:02d}-{slug}{ext}"
 
 
-__all__ = ["FORMATS", "AudioWriter", "chapter_file_name", "check_output_path", "partial_path"]
+__all__ = ["FORMATS", "AudioWriter", "chapter_file_name", "check_output_path", "in_progress", "partial_path"]

@@ -360,8 +360,10 @@ def set_default_catalog(catalog: Catalog | None) -> None:
 
 
 def quote_for(provider: Provider, request: SpeechRequest | RenderRequest, **kwargs: Any) -> Quote:
-    """Expected $ and seconds for ``request`` on ``provider`` (by its name and hardware)."""
-    return default_catalog().quote(provider.name, provider.capabilities.hardware, request, **kwargs)
+    """Expected $ and seconds for ``request`` on ``provider``: priced by its kind and hardware, named by its
+    endpoint name."""
+    q = default_catalog().quote(provider.kind, provider.capabilities.hardware, request, **kwargs)
+    return q.model_copy(update={"provider": provider.name})
 
 
 def cost_for(provider: str, hardware: str, billed_seconds: float) -> float:

@@ -76,11 +76,18 @@ class Capabilities:
         fields.update(overrides)
         return cls(**fields)
 
-    def supports(self, request: Request) -> str | None:
-        """None when the request fits; otherwise why not (shown by `broker quote`)."""
+    def supports(self, request: Request, default_engine: str | None = None) -> str | None:
+        """None when the request fits; otherwise why not (shown by `broker quote`).
+
+        ``default_engine``: the engine a request that names none runs with (``engines.default``), so an
+        endpoint that does not carry it is not sent such jobs.
+        """
         if request.task not in self.tasks:
             return f"does not run {request.task} jobs"
         engine = request.engine
+        synthesises = isinstance(request, SpeechRequest) or getattr(request, "audio", None) is None
+        if engine is None and synthesises and default_engine is not None and default_engine not in self.engines:
+            return f"does not have the {default_engine!r} engine (the default engine)"
         if engine is not None and engine not in self.engines:
             return f"does not have the {engine!r} engine"
         return None

@@ -28,6 +28,7 @@ from broker.errors import (
     ConfigurationError,
     JobFailed,
     JobLost,
+    NotConfigured,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -36,7 +37,7 @@ from broker.errors import (
 )
 from broker.media import Audio, AudioChunk
 from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
-from broker.settings import Settings
+from broker.settings import HTTPWorkerSettings, Settings, section_label
 from broker.types import DEFAULT_LIMITS, Limits, SpeechRequest
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -364,9 +365,12 @@ class HTTPProvider(Provider):
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 900.0,
         limits: Limits = DEFAULT_LIMITS,
+        name: str | None = None,
     ) -> None:
         from broker.providers.http_pool import PoolClient, WorkerPool
 
+        if name:
+            self.name = name
         key = SecretStr(api_key) if isinstance(api_key, str) else api_key
         addresses = list(dict.fromkeys([*([url] if url else []), *urls]))
         if not addresses:
@@ -392,14 +396,18 @@ class HTTPProvider(Provider):
         return f"<HTTPProvider {', '.join(m.url for m in self.pool.pool.members)}>"
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> HTTPProvider:
-        cfg = settings.http
+    def from_settings(cls, settings: Settings, *, endpoint: str | None = None,
+                      config: HTTPWorkerSettings | None = None, **overrides: Any) -> HTTPProvider:
+        """The endpoint ``endpoint`` (``config``: its [endpoints.NAME] table; default: the [http] section)."""
+        cfg = config or settings.http
+        name = endpoint or cls.name
+        section, env = section_label(name, "http")
         url = overrides.pop("url", cfg.url)
         urls = list(overrides.pop("urls", cfg.urls))
         if not url and not urls:
-            raise ConfigurationError(
-                "the http provider needs the worker's address: set http.url (BROKER_HTTP__URL), "
-                "e.g. http://gpu-box:8000 where `broker worker serve` runs, or http.urls for a pool"
+            raise NotConfigured(
+                f"the http endpoint {name!r} needs the worker's address: set {section} url ({env}URL), "
+                f"e.g. http://gpu-box:8000 where `broker worker serve` runs, or {section} urls for a pool", ["url"]
             )
         kwargs: dict[str, Any] = {
             "urls": urls,
@@ -409,9 +417,13 @@ class HTTPProvider(Provider):
             "connect_timeout_s": cfg.connect_timeout_s,
             "request_timeout_s": cfg.request_timeout_s,
             "limits": settings.limits,
+            "name": name,
         }
         kwargs.update(overrides)
-        return cls(url or None, **kwargs)
+        provider = cls(url or None, **kwargs)
+        if cfg.max_concurrency is not None:
+            provider.max_concurrency = cfg.max_concurrency
+        return provider
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
         """Your own machine: the hourly rate you gave, else the catalog's row for its hardware."""
@@ -421,7 +433,7 @@ class HTTPProvider(Provider):
         if self.usd_per_hour is not None:
             cost = wall_seconds * self.usd_per_hour / 3600.0
         else:
-            cost = cost_for(self.name, hardware, wall_seconds)
+            cost = cost_for(self.kind, hardware, wall_seconds)
         run_s = metrics.get("run_s")
         return Billing(
             billed_seconds=wall_seconds,

@@ -140,9 +140,13 @@ class LocalProvider(Provider):
             "device": settings.local.device,
             "concurrency": settings.local.concurrency,
             "limits": settings.limits,
+            # what this machine costs: local competes at it when manager.local = "ranked"
+            "usd_per_second": settings.local.usd_per_hour / 3600.0,
         }
         kwargs.update(overrides)
-        return cls(**kwargs)
+        provider = cls(**kwargs)
+        provider.max_concurrency = max(1, settings.local.concurrency)
+        return provider
 
     def bill(self, run_seconds: float) -> Billing:
         return Billing(

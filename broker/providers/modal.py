@@ -41,6 +41,7 @@ from broker.errors import (
     JobCancelled,
     JobFailed,
     JobLost,
+    NotConfigured,
     ProviderError,
     ProviderNotInstalled,
     ProviderTimeout,
@@ -50,7 +51,7 @@ from broker.errors import (
 from broker.media import Audio, AudioChunk
 from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.providers.http import HTTPJob, HTTPJobClient, encode_job
-from broker.settings import Settings
+from broker.settings import ModalSettings, Settings, section_label
 from broker.types import DEFAULT_LIMITS, Limits
 
 T = TypeVar("T")
@@ -184,12 +185,13 @@ class SDKCalls:
         return {"app": self.app_name, "class": self.class_name, "id": self._cls.object_id}
 
 
-def modal_token_configured(settings: Settings | None = None) -> bool:
+def modal_token_configured(settings: Settings | None = None, section: ModalSettings | None = None) -> bool:
     """True when the SDK has credentials: our settings, MODAL_TOKEN_ID/SECRET, or a profile in ~/.modal.toml.
 
     Reads files only; never touches the network or imports the SDK.
     """
-    if settings is not None and settings.modal.token_id and settings.modal.token_secret:
+    m = section or (settings.modal if settings is not None else None)
+    if m is not None and m.token_id and m.token_secret:
         return True
     if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
         return True
@@ -315,7 +317,10 @@ class ModalProvider(Provider):
         lookup: Lookup | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        name: str | None = None,
     ) -> None:
+        if name:
+            self.name = name
         self.app_name = app_name
         self.class_name = class_name
         self.queue_timeout_s = queue_timeout_s
@@ -346,21 +351,32 @@ class ModalProvider(Provider):
         return f"<ModalProvider {self.app_name}.{self.class_name} via {how}>"
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> ModalProvider:
-        """HTTP path when ``modal.url`` and a proxy auth token are set, else the SDK path."""
-        m = settings.modal
+    def from_settings(cls, settings: Settings, *, endpoint: str | None = None, config: ModalSettings | None = None,
+                      **overrides: Any) -> ModalProvider:
+        """HTTP path when ``url`` and a proxy auth token are set, else the SDK path.
+
+        ``endpoint``/``config``: a named endpoint's table (default: the [modal] section). When routing
+        builds it (``endpoint`` given), the app must be named: a Modal token alone, made for other
+        projects, does not mean broker's app is deployed there.
+        """
+        m = config or settings.modal
+        name = endpoint or cls.name
+        section, env = section_label(name, "modal")
         url = overrides.pop("url", m.url)
         proxy_key = overrides.pop("proxy_key", m.proxy_key)
         proxy_secret = overrides.pop("proxy_secret", m.proxy_secret)
         use_http = bool(url and proxy_key and proxy_secret)
+        if endpoint is not None and not url and "app_name" not in m.model_fields_set and "app_name" not in overrides:
+            raise NotConfigured(f"Modal endpoint {name!r} names no app: set {section} app_name ({env}APP_NAME; "
+                                "`broker deploy modal` writes it) or url", ["app"])
         if not use_http and "lookup" not in overrides:
             if importlib.util.find_spec("modal") is None:
                 raise ProviderNotInstalled("provider 'modal' needs the modal SDK: pip install 'broker[modal]'")
-            if not modal_token_configured(settings):
-                raise ConfigurationError(
+            if not modal_token_configured(settings, m):
+                raise NotConfigured(
                     "Modal has no credentials: run `modal token new` (writes ~/.modal.toml) or set "
-                    "MODAL_TOKEN_ID and MODAL_TOKEN_SECRET; or set modal.url with a proxy auth token "
-                    "(BROKER_MODAL__PROXY_KEY / BROKER_MODAL__PROXY_SECRET)"
+                    f"MODAL_TOKEN_ID and MODAL_TOKEN_SECRET; or set {section} url with a proxy auth token "
+                    f"({env}PROXY_KEY / {env}PROXY_SECRET)", ["Modal token"]
                 )
         kwargs: dict[str, Any] = {
             "app_name": m.app_name,
@@ -376,9 +392,13 @@ class ModalProvider(Provider):
             "rpc_timeout_s": m.rpc_timeout_s,
             "request_timeout_s": m.request_timeout_s,
             "limits": settings.limits,
+            "name": name,
         }
         kwargs.update(overrides)
-        return cls(**kwargs)
+        provider = cls(**kwargs)
+        # One job per container at a time, up to max_containers (the app's scaling limit).
+        provider.max_concurrency = m.max_concurrency or m.max_containers
+        return provider
 
     def calls(self) -> ModalCalls:
         if self._calls is None:
@@ -402,7 +422,7 @@ class ModalProvider(Provider):
         billed = max(wall_seconds, run or 0.0)
         return Billing(
             billed_seconds=billed,
-            cost_usd=cost_for(self.name, hardware, billed),
+            cost_usd=cost_for(self.kind, hardware, billed),
             estimated=True,
             hardware=hardware,
             run_seconds=run,

@@ -1,4 +1,4 @@
-"""Provider name → lazy import path + install hint.
+"""Provider kind → lazy import path + install hint.
 
 Nothing here imports a provider module until it is asked for, so ``import broker``
 stays free of SDKs. A missing optional dependency becomes ``ProviderNotInstalled``
@@ -8,6 +8,7 @@ the ``broker.providers`` entry-point group.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -56,11 +57,19 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _entry_point_entries() -> dict[str, Entry]:
+    # Scanning installed distributions costs tens of ms, and managers are built often: once per process
+    # (``refresh()`` after installing a plugin into a running process).
     found: dict[str, Entry] = {}
     for ep in entry_points(group="broker.providers"):
         found[ep.name] = Entry(ep.value, f"pip install the package providing {ep.name!r}", "plugin")
     return found
+
+
+def refresh() -> None:
+    """Forget the plugin kinds found so far (they are looked up again on next use)."""
+    _entry_point_entries.cache_clear()
 
 
 def names() -> list[str]:
@@ -68,11 +77,13 @@ def names() -> list[str]:
 
 
 def entry(name: str) -> Entry:
+    if name in REGISTRY:  # built-in kinds win over plugins of the same name
+        return REGISTRY[name]
     table = {**_entry_point_entries(), **REGISTRY}
     try:
         return table[name]
     except KeyError:
-        raise UnknownProvider(f"unknown provider {name!r}; known: {', '.join(sorted(table))}") from None
+        raise UnknownProvider(f"unknown provider kind {name!r}; known: {', '.join(sorted(table))}") from None
 
 
 def provider_class(name: str) -> type[Provider]:
@@ -88,11 +99,20 @@ def provider_class(name: str) -> type[Provider]:
 
 
 def create(name: str, settings: Settings | None = None, **overrides: Any) -> Provider:
-    """Build a provider from settings (``Settings()`` when not given)."""
+    """Build the provider of endpoint (or kind) ``name`` from settings (``Settings()`` when not given)."""
+    from broker.providers.endpoints import create as create_endpoint
+    from broker.providers.endpoints import match, specs
     from broker.settings import Settings
 
+    settings = settings or Settings()
+    if name != "local":
+        table = specs(settings)
+        found = match(name, table)
+        if found:
+            kind, config = table[found[0]]
+            return create_endpoint(found[0], kind, config, settings, **overrides)
     cls = provider_class(name)
     factory = getattr(cls, "from_settings", None)
     if factory is None:
         return cls(**overrides)
-    return factory(settings or Settings(), **overrides)  # type: ignore[no-any-return]
+    return factory(settings, **overrides)  # type: ignore[no-any-return]

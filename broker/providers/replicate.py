@@ -43,6 +43,7 @@ from broker.errors import (
     JobCancelled,
     JobFailed,
     JobLost,
+    NotConfigured,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
@@ -50,7 +51,7 @@ from broker.errors import (
 )
 from broker.media import Audio, AudioChunk, Video
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
-from broker.settings import Settings
+from broker.settings import ReplicateSettings, Settings, section_label
 from broker.types import DEFAULT_LIMITS, Limits, SpeechRequest
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,10 @@ class ReplicateProvider(Provider):
         limits: Limits = DEFAULT_LIMITS,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_s: float = 30.0,
+        name: str | None = None,
     ) -> None:
+        if name:
+            self.name = name
         self._token = api_token if isinstance(api_token, SecretStr) else SecretStr(api_token)
         if not self._token.get_secret_value():
             raise ConfigurationError("Replicate needs an API token: set REPLICATE_API_TOKEN")
@@ -239,18 +243,32 @@ class ReplicateProvider(Provider):
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> ReplicateProvider:
-        cfg = settings.replicate
+    def from_settings(cls, settings: Settings, *, endpoint: str | None = None,
+                      config: ReplicateSettings | None = None, **overrides: Any) -> ReplicateProvider:
+        """The endpoint ``endpoint`` (``config``: its [endpoints.NAME] table; default: the [replicate] section)."""
+        cfg = config or settings.replicate
+        name = endpoint or NAME
+        section, env = section_label(name, "replicate")
+        missing: dict[str, str] = {}
         if cfg.api_token is None and "api_token" not in overrides:
-            raise ConfigurationError("Replicate needs an API token: set REPLICATE_API_TOKEN")
+            missing["API token"] = "an API token (REPLICATE_API_TOKEN)"
+        if not any(overrides.get(k) or getattr(cfg, k) for k in ("deployment", "model", "version")):
+            missing["deployment"] = (f"a deployment, model or version ({section} deployment or {env}DEPLOYMENT; "
+                                     "`broker deploy replicate` writes it)")
+        if missing:
+            raise NotConfigured(f"Replicate endpoint {name!r} is not configured: it needs "
+                                + " and ".join(missing.values()), list(missing))
         kwargs: dict[str, Any] = {
             "api_token": cfg.api_token, "deployment": cfg.deployment, "model": cfg.model, "version": cfg.version,
             "base_url": cfg.base_url, "hardware": cfg.hardware, "queue_timeout_s": cfg.queue_timeout_s,
             "wait_s": cfg.wait_s, "private": cfg.private, "idle_billed_s": cfg.idle_billed_s,
-            "inline_max_bytes": cfg.inline_max_bytes, "limits": settings.limits,
+            "inline_max_bytes": cfg.inline_max_bytes, "limits": settings.limits, "name": name,
         }
         kwargs.update(overrides)
-        return cls(**kwargs)
+        provider = cls(**kwargs)
+        # A deployment runs one prediction per instance at a time, up to max_instances.
+        provider.max_concurrency = cfg.max_concurrency or (cfg.max_instances if cfg.deployment else None)
+        return provider
 
     def __repr__(self) -> str:
         return f"<ReplicateProvider {self.target} at {self.base_url}>"
@@ -319,7 +337,7 @@ class ReplicateProvider(Provider):
         setup_s = max(0.0, started - created) if created is not None and started is not None else 0.0
         billed = predict_s + (setup_s + self.idle_billed_s if self.private else 0.0)
         hardware = self.capabilities.hardware
-        return Billing(billed_seconds=billed, cost_usd=cost_for(NAME, hardware, billed), estimated=True,
+        return Billing(billed_seconds=billed, cost_usd=cost_for(self.kind, hardware, billed), estimated=True,
                        hardware=hardware, queue_seconds=setup_s, run_seconds=predict_s)
 
     # -- HTTP ------------------------------------------------------------------------

@@ -37,13 +37,14 @@ from broker.errors import (
     ConfigurationError,
     InvalidRequest,
     JobLost,
+    NotConfigured,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
 )
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, Provider, Request
 from broker.providers.runpod_job import RunPodJob, decode_output, runpod_error
-from broker.settings import Settings
+from broker.settings import RunPodSettings, Settings, section_label
 from broker.types import DEFAULT_LIMITS, Limits, SpeechRequest
 
 __all__ = ["RunPodJob", "RunPodProvider", "decode_output", "runpod_error"]
@@ -84,7 +85,10 @@ class RunPodProvider(Provider):
         uploader: Uploader | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         request_timeout_s: float = 30.0,
+        name: str | None = None,
     ) -> None:
+        if name:
+            self.name = name
         if not endpoint_id:
             raise ConfigurationError("RunPod needs an endpoint id")
         key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
@@ -110,31 +114,40 @@ class RunPodProvider(Provider):
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> RunPodProvider:
-        rp = settings.runpod
-        missing = []
+    def from_settings(cls, settings: Settings, *, endpoint: str | None = None, config: RunPodSettings | None = None,
+                      **overrides: Any) -> RunPodProvider:
+        """The endpoint ``endpoint`` (``config``: its [endpoints.NAME] table; default: the [runpod] section)."""
+        rp = config or settings.runpod
+        name = endpoint or cls.name
+        section, env = section_label(name, "runpod")
+        missing: dict[str, str] = {}
         if not (overrides.get("endpoint_id") or rp.endpoint_id):
-            missing.append("an endpoint id ([runpod] endpoint_id or BROKER_RUNPOD__ENDPOINT_ID; "
-                           "`broker deploy runpod` writes it)")
+            missing["endpoint id"] = (f"an endpoint id ({section} endpoint_id or {env}ENDPOINT_ID; "
+                                      "`broker deploy runpod` writes it)")
         if not (overrides.get("api_key") or rp.api_key):
-            missing.append("an API key (RUNPOD_API_KEY)")
+            missing["API key"] = "an API key (RUNPOD_API_KEY)"
         if missing:
-            raise ConfigurationError("RunPod is not configured: it needs " + " and ".join(missing))
+            raise NotConfigured(f"RunPod endpoint {name!r} is not configured: it needs " + " and ".join(
+                missing.values()), list(missing))
         kwargs: dict[str, Any] = {
             "endpoint_id": rp.endpoint_id,
             "api_key": rp.api_key,
             "base_url": rp.base_url,
             "hardware": rp.hardware,
-            "engines": tuple(rp.engines),
+            "engines": tuple(rp.engines if rp.engines is not None else ("piper",)),
             "queue_timeout_s": rp.queue_timeout_s,
             "execution_timeout_s": rp.execution_timeout_s,
             "ttl_s": rp.ttl_s,
             "use_runsync": rp.use_runsync,
             "runsync_max_s": rp.runsync_max_s,
             "limits": settings.limits,
+            "name": name,
         }
         kwargs.update(overrides)
-        return cls(**kwargs)
+        provider = cls(**kwargs)
+        # RunPod runs at most workers_max jobs at once on an endpoint (one per worker).
+        provider.max_concurrency = rp.max_concurrency or rp.workers_max
+        return provider
 
     def __repr__(self) -> str:
         return f"<RunPodProvider {self.name} endpoint={self.endpoint_id}>"
@@ -303,7 +316,7 @@ class RunPodProvider(Provider):
         run_s = float(exec_ms) / 1000 if isinstance(exec_ms, int | float) else 0.0
         return Billing(
             billed_seconds=run_s,
-            cost_usd=cost_for(self.name, self.hardware, run_s),
+            cost_usd=cost_for(self.kind, self.hardware, run_s),
             estimated=True,
             hardware=self.hardware,
             queue_seconds=float(delay_ms) / 1000 if isinstance(delay_ms, int | float) else None,

@@ -221,7 +221,7 @@ class ProviderRun:
         return time.monotonic() - max(0.0, time.time() - started)
 
     def _affordable_seconds(self, reservation: Reservation) -> float:
-        row = self.manager.catalog.price(self.name, self.provider.capabilities.hardware)
+        row = self.manager.catalog.price(self.provider.kind, self.provider.capabilities.hardware)
         if row is None or row.usd_per_second <= 0:
             return float("inf")
         idle = row.idle_s if row.bills_idle else 0.0
@@ -246,14 +246,14 @@ class ProviderRun:
         if b is not None:
             cost = b.cost_usd
             if cost == 0 and b.estimated and b.billed_seconds > 0:
-                cost = self.manager.catalog.cost(self.name, hw, b.billed_seconds)
+                cost = self.manager.catalog.cost(self.provider.kind, hw, b.billed_seconds)
             return b.billed_seconds, cost, b.estimated
         ran = job.seconds_in(JobState.RUNNING)
         if ran is None and "running" in job.timestamps:
             ran = time.time() - job.timestamps["running"]
         if not ran:
             return 0.0, 0.0, True
-        return ran, self.manager.catalog.cost(self.name, hw, ran), True
+        return ran, self.manager.catalog.cost(self.provider.kind, hw, ran), True
 
     def _close(self, reservation: Reservation, job: Job | None, outcome: str, error: BrokerError | None,
                started_wall: float, t0: float, permit: Permit) -> None:

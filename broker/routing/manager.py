@@ -1,6 +1,8 @@
-"""CloudGPUManager: a Provider that routes each job to the best provider it manages, and pays attention.
+"""CloudGPUManager: a Provider that routes each job to the best endpoint it manages, and pays attention.
 
-For each job: quote every capable provider (catalog × profile, with what health has observed),
+Which endpoints (and local's place) come from ``broker.providers.endpoints.resolve``: every configured
+endpoint unless ``manager.providers`` names some, local per ``manager.local``. For each job: quote every
+capable endpoint (catalog × profile, priced by kind + hardware, with what health has observed),
 drop the ones whose circuit is open or that cost more than the per-job cap, rank the rest with
 the policy (cheapest by default), and try them in turn — each provider at most once per job,
 with same-provider retries for rate limits and 5xx by error class — ending at the local
@@ -23,8 +25,8 @@ from broker._sync import run_sync
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
 from broker.media import Audio, AudioChunk, Video
 from broker.money.budget import Accountant, Budget
-from broker.money.pricing import WARM_P_COLD, Catalog
-from broker.providers import registry
+from broker.money.pricing import WARM_P_COLD, Catalog, PriceRow
+from broker.providers import endpoints
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.routing.attempt import ProviderRun
 from broker.routing.health import BreakerConfig, HealthBoard
@@ -87,7 +89,7 @@ class ManagedJob(Job):
         now = time.monotonic()
         return any(
             p.name != current and p.name not in self._tried and m.health_board[p.name].usable(now)
-            and p.capabilities.supports(self.request) is None
+            and m.supports(p, self.request) is None
             for p in m.all_providers
         )
 
@@ -328,33 +330,15 @@ class CloudGPUManager(Provider):
     ) -> None:
         self.settings = settings or Settings()
         ms = self.settings.manager
-        names_or_providers = list(providers) if providers is not None else list(ms.providers)
-        self.providers: list[Provider] = []
-        self.skipped: dict[str, str] = {}
-        for p in names_or_providers:
-            if isinstance(p, Provider):
-                self.providers.append(p)
-                continue
-            if p == "local" and not self.settings.local.enabled:
-                self.skipped[p] = "disabled (local.enabled = false)"
-                continue
-            try:
-                self.providers.append(registry.create(p, self.settings))
-            except BrokerError as exc:
-                # A provider that is not installed or not configured is skipped, and says why.
-                self.skipped[p] = exc.message
-        self.fallback: Provider | None = None
-        if ms.fallback_local and self.settings.local.enabled:
-            local = next((p for p in self.providers if p.name == "local"), None)
-            if local is None and "local" not in self.skipped:
-                try:
-                    local = registry.create("local", self.settings)
-                except BrokerError as exc:
-                    self.skipped["local"] = exc.message
-            if local is not None:
-                # The last resort is never ranked by price (free local would always win "cheapest").
-                self.providers = [p for p in self.providers if p is not local]
-                self.fallback = local
+        # Which endpoints, and local's place: manager.providers (or every configured one) and manager.local.
+        routing = endpoints.resolve(self.settings, providers)
+        self.providers: list[Provider] = routing.ranked
+        self.fallback: Provider | None = routing.fallback
+        #: every endpoint and local, routed or not, with the reason (`broker providers`, `broker quote`)
+        self.endpoints: list[endpoints.EndpointStatus] = routing.rows
+        #: endpoint name → why it is not routed
+        self.skipped: dict[str, str] = routing.skipped
+        self.local_mode = ms.local_mode()
         everyone = self.all_providers
         self.capabilities = Capabilities(
             tasks=frozenset().union(*(p.capabilities.tasks for p in everyone)) if everyone else frozenset(),
@@ -363,7 +347,8 @@ class CloudGPUManager(Provider):
             hardware="mixed",
         )
         self.policy = as_policy(policy if policy is not None else ms.policy)
-        self.catalog = catalog or Catalog.from_settings(self.settings)
+        self.catalog = _with_local_price(catalog or Catalog.from_settings(self.settings), self.all_providers,
+                                         self.settings.local.usd_per_hour)
         # ledger.url (or ledger.path): SQLite by default, PostgreSQL to share budgets and health with a fleet
         self.ledger = ledger or open_store(self.settings)
         self.budget = Budget(ms.max_usd_per_job, ms.daily_budget_usd, ms.monthly_budget_usd, ms.reserve_factor)
@@ -382,6 +367,10 @@ class CloudGPUManager(Provider):
         return self.providers + ([self.fallback] if self.fallback is not None else [])
 
     # -- quoting and ranking ------------------------------------------------------------------
+    def supports(self, provider: Provider, request: Request) -> str | None:
+        """Why ``provider`` cannot take ``request`` (its tasks, its engines, the default engine), or None."""
+        return provider.capabilities.supports(request, self.settings.engines.default)
+
     def quote_provider(self, provider: Provider, request: Request) -> Quote:
         """``provider``'s quote for ``request``, using what health has seen of its queue and warmth."""
         if type(provider).quote is not Provider.quote:
@@ -389,15 +378,17 @@ class CloudGPUManager(Provider):
                 return provider.quote(request)  # type: ignore[no-any-return]  # the provider prices itself
             except Exception as exc:  # a broken quote must not stop routing: fall back to the catalog
                 log.warning("%s: quote failed (%s); using the catalog", provider.name, exc)
+        # Prices key on the kind (and hardware); what health has seen keys on the endpoint's name.
         hw = provider.capabilities.hardware
-        row = self.catalog.price(provider.name, hw)
+        row = self.catalog.price(provider.kind, hw)
         h = self.health_board[provider.name]
         now = time.monotonic()
         p_cold = None
         if row is not None and row.scales_to_zero:
             p_cold = self.health_board.p_cold(provider.name, row.idle_s, now, WARM_P_COLD)
-        return self.catalog.quote(provider.name, hw, request, default_engine=self.settings.engines.default,
-                                  p_cold=p_cold, queue_s=h.queue.value or 0.0)
+        q = self.catalog.quote(provider.kind, hw, request, default_engine=self.settings.engines.default,
+                               p_cold=p_cold, queue_s=h.queue.value or 0.0)
+        return q.model_copy(update={"provider": provider.name})
 
     def plan(self, request: Request, *, exclude: set[str] | frozenset[str] = frozenset(),
              deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None) -> Ranking:
@@ -408,7 +399,7 @@ class CloudGPUManager(Provider):
         for p in self.providers:
             if p.name in exclude:
                 continue
-            why = p.capabilities.supports(request) or self._unavailable(p.name, now)
+            why = self.supports(p, request) or self._unavailable(p.name, now)
             if why:
                 dropped.append((Candidate(p, _placeholder_quote(p)), why))
                 continue
@@ -423,7 +414,7 @@ class CloudGPUManager(Provider):
         ranking.dropped[:0] = dropped
         fb = self.fallback
         if fb is not None and fb.name not in exclude:
-            why = fb.capabilities.supports(request) or self._unavailable(fb.name, now)
+            why = self.supports(fb, request) or self._unavailable(fb.name, now)
             if why:
                 ranking.dropped.append((Candidate(fb, _placeholder_quote(fb)), why))
             else:
@@ -446,7 +437,7 @@ class CloudGPUManager(Provider):
         now = time.monotonic()
         times = [
             t for p in self.all_providers
-            if p.name not in exclude and p.capabilities.supports(request) is None
+            if p.name not in exclude and self.supports(p, request) is None
             and (t := self.health_board[p.name].next_chance(now)) is not None
         ]
         return min(times) if times else None
@@ -469,8 +460,8 @@ class CloudGPUManager(Provider):
         ``prefer``: endpoint names tried first, in that order; ``avoid``: tried only after the rest
         (both soft: ranking, budgets and failover still apply; long jobs use them to spread pieces)."""
         request.check_limits(self.settings.limits)
-        if not any(p.capabilities.supports(request) is None for p in self.all_providers):
-            reasons = "; ".join(f"{p.name}: {p.capabilities.supports(request)}" for p in self.all_providers)
+        if not any(self.supports(p, request) is None for p in self.all_providers):
+            reasons = "; ".join(f"{p.name}: {self.supports(p, request)}" for p in self.all_providers)
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
                                      + (f" ({reasons})" if reasons else ""))
         return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy,
@@ -606,6 +597,20 @@ def steer(ordered: list[Candidate], prefer: Sequence[str], avoid: frozenset[str]
         return (2, 0) if c.name in avoid else (1, 0)
 
     return sorted(ordered, key=key)  # stable: the policy's order holds within each group
+
+
+def _with_local_price(catalog: Catalog, providers: list[Provider], usd_per_hour: float) -> Catalog:
+    """Price the local provider at ``local.usd_per_hour`` (what ranked local competes at) when one is set."""
+    local = next((p for p in providers if p.kind == "local"), None)
+    if local is None or usd_per_hour <= 0:
+        return catalog
+    hw = local.capabilities.hardware
+    base = catalog.price("local", hw)
+    return catalog.with_prices([PriceRow(
+        provider="local", hardware=(hw.lower(),), profile=base.profile if base else "cpu-2",
+        usd_per_second=usd_per_hour / 3600.0, increment_s=0.0, bills_cold_start=False, bills_idle=False,
+        basis="config", billing_model=f"local.usd_per_hour = {usd_per_hour:g}",
+    )])
 
 
 def _placeholder_quote(p: Provider) -> Quote:

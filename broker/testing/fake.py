@@ -227,10 +227,13 @@ class FakeProvider(Provider):
         time_scale: float = 1.0,
         make: Callable[[Request, str], Audio | Video] | None = None,
         keep_jobs: bool = True,
+        kind: str | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
         self.name = name
+        #: price rows key on the kind: by default each fake is a kind of its own, priced by ``price_row``
+        self.kind = kind or name
         self.rtf = rtf
         self.max_concurrency = max_concurrency
         self.time_scale = time_scale
@@ -311,7 +314,7 @@ class FakeProvider(Provider):
 
     def price_row(self) -> PriceRow:
         """The catalog row that prices this fake like a real provider (per second, cold start billed)."""
-        return PriceRow(provider=self.name.lower(), hardware=(self.capabilities.hardware.lower(),), profile="gpu",
+        return PriceRow(provider=self.kind.lower(), hardware=(self.capabilities.hardware.lower(),), profile="gpu",
                         usd_per_second=self.usd_per_second, min_billed_s=0.0, increment_s=0.0,
                         cold_start_s=self.cold_start_s, idle_s=self.idle_billed_s, basis="config",
                         billing_model="scripted fake", source="broker.testing.fake")

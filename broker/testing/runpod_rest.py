@@ -32,6 +32,10 @@ GPU_TYPE_IDS = frozenset({
     "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition", "Tesla T4",
 })
 
+#: EndpointCreateInput.cpuFlavorIds enum and TemplateCreateInput.category enum (the same document)
+CPU_FLAVOR_IDS = frozenset({"cpu3c", "cpu3g", "cpu5c", "cpu5g"})
+TEMPLATE_CATEGORIES = frozenset({"NVIDIA", "AMD", "CPU"})
+
 _TEMPLATE_CREATE = {
     "category", "containerDiskInGb", "containerRegistryAuthId", "dockerEntrypoint", "dockerStartCmd", "env",
     "imageName", "isPublic", "isServerless", "name", "ports", "readme", "volumeInGb", "volumeMountPath",
@@ -107,6 +111,8 @@ class RestStore:
             return body
         if not body.get("name") or not body.get("imageName"):
             return _bad("name and imageName are required")
+        if body.get("category", "NVIDIA") not in TEMPLATE_CATEGORIES:
+            return _bad(f"category must be one of {', '.join(sorted(TEMPLATE_CATEGORIES))}")
         if any(t["name"] == body["name"] for t in self.templates.values()):
             return _bad(f"a template named {body['name']!r} already exists; template names are unique")
         template: dict[str, Any] = {
@@ -155,9 +161,24 @@ class RestStore:
     def _check_endpoint(self, merged: dict[str, Any]) -> str | None:
         if merged.get("templateId") not in self.templates:
             return f"templateId {merged.get('templateId')!r} does not exist"
+        compute = merged.get("computeType", "GPU")
+        if compute not in ("GPU", "CPU"):
+            return "computeType must be GPU or CPU"
+        if compute == "CPU":
+            # GPU fields are ignored on a CPU endpoint; its flavours and vCPUs are checked instead.
+            bad = [f for f in merged.get("cpuFlavorIds") or [] if f not in CPU_FLAVOR_IDS]
+            if bad:
+                return f"unknown cpuFlavorIds: {', '.join(bad)}"
+            if not isinstance(merged.get("vcpuCount", 2), int) or int(merged.get("vcpuCount", 2)) < 1:
+                return "vcpuCount must be a positive integer"
+            return self._check_scaling(merged)
         bad = [g for g in merged.get("gpuTypeIds") or [] if g not in GPU_TYPE_IDS]
         if bad:
             return f"unknown gpuTypeIds: {', '.join(bad)}"
+        return self._check_scaling(merged)
+
+    @staticmethod
+    def _check_scaling(merged: dict[str, Any]) -> str | None:
         if not 1 <= int(merged.get("idleTimeout", 5)) <= 3600:
             return "idleTimeout must be between 1 and 3600 seconds"
         if int(merged.get("workersMin", 0)) > int(merged.get("workersMax", 3)):
@@ -170,8 +191,11 @@ class RestStore:
         body = await self._body(request, _ENDPOINT_FIELDS)
         if isinstance(body, web.Response):
             return body
+        cpu = body.get("computeType") == "CPU"
+        compute: dict[str, Any] = ({"cpuFlavorIds": ["cpu3c"], "vcpuCount": 2} if cpu
+                                   else {"gpuCount": 1, "gpuTypeIds": []})
         endpoint: dict[str, Any] = {
-            "id": _id(14), "name": None, "computeType": "GPU", "gpuCount": 1, "gpuTypeIds": [],
+            "id": _id(14), "name": None, "computeType": "GPU", **compute,
             "workersMin": 0, "workersMax": 3, "idleTimeout": 5, "flashboot": False,
             "executionTimeoutMs": 600_000, "scalerType": "QUEUE_DELAY", "scalerValue": 4, "env": {},
             "createdAt": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
