@@ -36,14 +36,32 @@ def _shutdown() -> None:
         _loop.call_soon_threadsafe(_loop.stop)
 
 
+#: how long Ctrl-C (or SIGTERM) waits for the cancelled work to unwind: cancel its provider jobs, settle
+#: the ledger. A second interrupt stops waiting.
+UNWIND_S = 30.0
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on the background loop and wait for it; Ctrl-C cancels it there."""
+    """Run ``coro`` on the background loop and wait for it; Ctrl-C cancels it there and waits for it to unwind."""
     loop = _background_loop()
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    started, unwound = threading.Event(), threading.Event()
+
+    async def tracked() -> T:
+        started.set()
+        try:
+            return await coro
+        finally:
+            unwound.set()
+
+    future = asyncio.run_coroutine_threadsafe(tracked(), loop)
     try:
         return future.result()
     except KeyboardInterrupt:
         future.cancel()
+        # The cancelled coroutine is still cancelling its provider jobs on the loop: exiting now would
+        # leave them running remotely (and billing) with nobody to stop them.
+        if started.is_set():
+            unwound.wait(UNWIND_S)
         raise
 
 

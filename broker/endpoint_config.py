@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_settings import NoDecode
 
+from broker.redact import redact_urls
+
 #: an endpoint or provider name: what `manager.providers`, `--provider` and the ledger use
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: the kinds with a one-per-kind section of their own ([runpod], [modal], ...): each is also an endpoint
@@ -56,7 +58,17 @@ def section_label(name: str, kind: str) -> tuple[str, str]:
     return f"[endpoints.{name}]", f"BROKER_ENDPOINTS__{name.upper().replace('-', '_')}__"
 
 
-class EndpointOptions(BaseModel):
+class RedactingModel(BaseModel):
+    """A settings section whose repr masks the password of any URL it holds."""
+
+    def __repr__(self) -> str:
+        return redact_urls(super().__repr__())
+
+    def __str__(self) -> str:
+        return redact_urls(super().__str__())
+
+
+class EndpointOptions(RedactingModel):
     """Keys every endpoint has, whatever its kind: what it can run, how much at once, where."""
 
     #: the provider kind of an [endpoints.NAME] table (the one-per-kind sections leave it unset)

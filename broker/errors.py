@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from broker.redact import scrub
+
 if TYPE_CHECKING:
     from broker.types import Attempt
 
@@ -22,6 +24,9 @@ class BrokerError(Exception):
     code: str = "broker_error"
 
     def __init__(self, message: str) -> None:
+        # The one choke point for credentials: messages are often built from an upstream's body,
+        # which may echo our request headers back (see broker.redact).
+        message = scrub(str(message))
         super().__init__(message)
         self.message = message
 
@@ -37,7 +42,7 @@ class InvalidRequest(BrokerError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-        self.reason = message
+        self.reason = scrub(message)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "field": self.field}

@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
+from broker.config_check import read_toml
 from broker.endpoint_config import (
     KIND_SETTINGS,
     NAME_PATTERN,
@@ -46,6 +47,7 @@ from broker.endpoint_config import (
     section_label,
 )
 from broker.errors import ConfigurationError
+from broker.redact import redact_url, redact_urls, register_secret, url_password
 from broker.types import Limits
 
 __all__ = [
@@ -274,6 +276,12 @@ class ManagerSettings(BaseModel):
     validate_output: bool = True
     #: performance profiles merged over the packaged ones (same columns as broker/data/profiles.csv)
     profiles_path: str | None = None
+    #: how long one try keeps re-asking a provider that refuses a cancel (429/5xx) before it moves on;
+    #: the attempt then stays `cancelling` in the ledger and the manager keeps asking in the background
+    cancel_patience_s: float = Field(default=10.0, ge=0)
+    #: $/hour charged for hardware the price catalog has no row for. None: such a provider's cost is
+    #: unknown, and it is not used while any budget or max_usd is set (`broker quote` says why)
+    unknown_price_usd_per_hour: float | None = Field(default=None, ge=0)
 
     @field_validator("providers", mode="after")
     @classmethod
@@ -290,6 +298,17 @@ class ManagerSettings(BaseModel):
         if listed is None:
             listed = self.providers is not None and "local" in self.providers
         return "ranked" if listed else "off"  # the old meaning: local competes if listed, else is not used
+
+
+class WorkerSettings(BaseModel):
+    """The worker side (`broker worker serve` and every handler): what a job may make it fetch."""
+
+    #: fetch media URLs on loopback/private/link-local addresses (a worker inside a private network)
+    allow_private_urls: bool = False
+    #: fetch plain-http media URLs too (default: https only)
+    allow_http_urls: bool = False
+    fetch_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class LedgerSettings(BaseModel):
@@ -353,6 +372,7 @@ class Settings(BaseSettings):
     http: HTTPWorkerSettings = Field(default_factory=HTTPWorkerSettings)
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     #: named endpoints, [endpoints.NAME] with kind = "runpod" | "modal" | "replicate" | "http" | a plugin kind
     endpoints: Annotated[dict[str, SerializeAsAny[EndpointOptions]], BeforeValidator(endpoint_tables)] = Field(
@@ -372,6 +392,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = config_path()
         if path.is_file():
+            read_toml(path)  # a malformed file is one ConfigurationError naming the file and line
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
@@ -412,9 +433,53 @@ class Settings(BaseSettings):
             found.setdefault(kind, (kind, getattr(self, kind)))
         return found
 
+    @model_validator(mode="after")
+    def _register_secrets(self) -> Settings:
+        """Every configured credential (and a password inside any URL) is masked in errors from now on."""
+        for value in _walk(self):
+            if isinstance(value, SecretStr):
+                register_secret(value.get_secret_value())
+            elif isinstance(value, str):
+                register_secret(url_password(value))
+        return self
+
     def redacted(self) -> dict[str, Any]:
-        """A dict safe to print: secrets appear as '**********' or null."""
-        return self.model_dump(mode="json")
+        """A dict safe to print: secrets appear as '**********' or null, URL passwords as '****'."""
+        return _redact_urls(self.model_dump(mode="json"))
+
+    def __repr__(self) -> str:
+        return redact_urls(super().__repr__())
+
+    def __str__(self) -> str:
+        return redact_urls(super().__str__())
+
+
+def _walk(value: Any) -> Any:
+    """Every leaf value of a settings tree (models, dicts, lists)."""
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _walk(getattr(value, name, None))
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _walk(item)
+    else:
+        yield value
+
+
+def _redact_urls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_urls(v) for v in value]
+    return redact_url(value) if isinstance(value, str) else value
+
+
+
+
+
 
 
 KIND_SETTINGS.update(runpod=RunPodSettings, modal=ModalSettings, replicate=ReplicateSettings,

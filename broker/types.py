@@ -8,12 +8,14 @@ field before any engine or provider is involved. ``Audio``/``Video`` live in
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.errors import InvalidRequest
+from broker.image_header import image_format, image_size
 from broker.media import SAMPLE_RATE, Audio, AudioChunk, PhonemeTiming, Video, to_numpy_audio
 
 __all__ = [
@@ -35,7 +37,10 @@ __all__ = [
 
 Task = Literal["speech", "render"]
 
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF", b"BM", b"GIF8")
+#: the shortest length a request may ask for: one sample at the output rate
+MIN_LENGTH_MS = 1000.0 / SAMPLE_RATE
+#: frame rates a render may ask for (below 1 fps a frame outlasts any word; above 60 nothing gains)
+MIN_FPS, MAX_FPS = 1.0, 60.0
 
 
 class Limits(BaseModel):
@@ -49,6 +54,10 @@ class Limits(BaseModel):
     max_context_segments: int = 16
     max_avatar_bytes: int = 20 * 1024 * 1024
     max_render_seconds: float = 600.0
+    #: frames in one render (seconds x fps): bounds the worker's time and memory per job
+    max_render_frames: int = 36_000
+    #: pixels of a decoded avatar (read from the image header before decoding): 25 MP is 75 MB as RGB
+    max_image_pixels: int = 25_000_000
 
 
 DEFAULT_LIMITS = Limits()
@@ -89,6 +98,11 @@ class Segment(BaseModel):
                 data["sample_rate"] = SAMPLE_RATE
         return data
 
+    @field_validator("text")
+    @classmethod
+    def _segment_text(cls, v: str) -> str:
+        return check_string(v)
+
     @model_validator(mode="after")
     def _check_audio(self) -> Segment:
         if len(self.audio) == 0:
@@ -103,13 +117,43 @@ class Segment(BaseModel):
         return self
 
 
+#: lone surrogates (how Python carries bytes that were not UTF-8) and control characters but tab/CR/LF
+_UNCARRIABLE = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: a letter or a digit in any script (\w without the underscore)
+_SPEAKABLE = re.compile(r"[^\W_]")
+
+
+def check_string(value: str) -> str:
+    """Reject what no engine or wire can carry: lone surrogates (input that was not UTF-8) and control bytes."""
+    bad = _UNCARRIABLE.search(value)
+    if bad is not None:
+        code = ord(bad.group())
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"is not valid UTF-8 (an undecodable byte or lone surrogate at character {bad.start()})")
+        raise ValueError(f"contains the control character U+{code:04X} at character {bad.start()}")
+    return value
+
+
+def _speakable(value: str) -> bool:
+    """At least one letter or digit: punctuation and symbols alone make no sound."""
+    return _SPEAKABLE.search(value) is not None
+
+
 def _clean_text(value: str | None) -> str | None:
     if value is None:
         return None
-    stripped = value.strip()
+    stripped = check_string(value).strip()
     if not stripped:
         raise ValueError("text is empty or only whitespace")
+    if not _speakable(stripped):
+        raise ValueError("has nothing to speak (no letters or digits)")
     return stripped
+
+
+def _check_name(value: int | str) -> int | str:
+    if isinstance(value, str):
+        check_string(value)
+    return value
 
 
 class SpeechRequest(BaseModel):
@@ -141,6 +185,8 @@ class SpeechRequest(BaseModel):
             return v
         if not math.isfinite(v) or v <= 0:
             raise ValueError("must be a positive number of milliseconds")
+        if v < MIN_LENGTH_MS:
+            raise ValueError(f"{v:g} ms is shorter than one sample ({MIN_LENGTH_MS:.4f} ms at {SAMPLE_RATE} Hz)")
         return v
 
     @field_validator("speaker")
@@ -148,7 +194,12 @@ class SpeechRequest(BaseModel):
     def _speaker(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 0:
             raise ValueError("speaker ids are >= 0")
-        return v
+        return _check_name(v)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str | None) -> str | None:
+        return None if v is None else check_string(v)
 
     def check_limits(self, limits: Limits = DEFAULT_LIMITS) -> SpeechRequest:
         if len(self.text) > limits.max_text_chars:
@@ -188,13 +239,18 @@ class RenderRequest(BaseModel):
     avatar_preset: str | None = None
     #: mouth box (x, y, w, h) in avatar pixels when the caller knows it; else it is detected
     mouth_box: tuple[int, int, int, int] | None = None
-    fps: float = Field(default=25.0, gt=0, le=60)
+    fps: float = Field(default=25.0, ge=MIN_FPS, le=MAX_FPS)
     size: int = Field(default=512, ge=64, le=2048)
 
     @field_validator("text")
     @classmethod
     def _text(cls, v: str | None) -> str | None:
         return _clean_text(v)
+
+    @field_validator("speaker", "engine", "avatar_preset")
+    @classmethod
+    def _names(cls, v: int | str | None) -> int | str | None:
+        return None if v is None else _check_name(v)
 
     @field_validator("audio")
     @classmethod
@@ -212,9 +268,9 @@ class RenderRequest(BaseModel):
     def _avatar(cls, v: bytes | None) -> bytes | None:
         if v is None:
             return v
-        if not any(v.startswith(m) for m in _IMAGE_MAGIC):
+        if image_format(v) is None:
             raise ValueError("is not a PNG, JPEG, WebP, GIF or BMP image")
-        return v
+        return v  # its pixel count is checked by check_limits, and again before the engine decodes it
 
     @field_validator("mouth_box")
     @classmethod
@@ -245,6 +301,18 @@ class RenderRequest(BaseModel):
             )
         if self.avatar is not None and len(self.avatar) > limits.max_avatar_bytes:
             raise InvalidRequest("avatar", f"over the limit of {limits.max_avatar_bytes} bytes")
+        if self.avatar is not None:
+            w, h = image_size(self.avatar) or (0, 0)
+            if w * h > limits.max_image_pixels:
+                raise InvalidRequest(
+                    "avatar", f"is {w}x{h} pixels, over the limit of {limits.max_image_pixels:,} pixels"
+                )
+        frames = math.ceil(self.audio_seconds_hint() * self.fps)
+        if frames > limits.max_render_frames:
+            raise InvalidRequest(
+                "fps", f"{self.audio_seconds_hint():.1f} s at {self.fps:g} fps is {frames:,} frames, "
+                f"over the limit of {limits.max_render_frames:,}"
+            )
         return self
 
     @property
@@ -274,10 +342,18 @@ def build(model: type[BaseModel], **fields: Any) -> Any:
         raise invalid_from_validation(exc) from None
 
 
+_TYPE_TAGS = {"int", "str", "float", "bool", "bytes", "none", "list", "dict", "tuple", "is-instance"}
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
+
+
 def invalid_from_validation(exc: ValidationError, prefix: str = "") -> InvalidRequest:
     err = exc.errors()[0]
     parts = [prefix] if prefix else []
-    parts += [str(p) for p in err.get("loc", ())]
+    # union members add their type to the location ("speaker.int"); the field is what the caller named
+    parts += [str(p) for p in err.get("loc", ()) if not _is_type_tag(p)]
     loc = ".".join(parts) or "input"
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")

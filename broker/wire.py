@@ -37,7 +37,7 @@ from typing import Any
 
 from broker.errors import BrokerError, InvalidRequest, error_from_dict
 from broker.media import Audio, PhonemeTiming, Video
-from broker.types import RenderRequest, Segment, SpeechRequest, build
+from broker.types import DEFAULT_LIMITS, Limits, RenderRequest, Segment, SpeechRequest, build
 
 WIRE_VERSION = 1
 
@@ -74,7 +74,10 @@ def decode_media(media: Any, field: str, *, fetch: Any = None) -> bytes:
                 raise InvalidRequest(field, "data URL is not valid base64") from None
         if fetch is None:
             raise InvalidRequest(field, "URL inputs are not accepted here")
-        data: bytes = fetch(url)
+        try:
+            data: bytes = fetch(url)
+        except InvalidRequest as exc:  # the fetcher knows the URL, not which field named it
+            raise InvalidRequest(field, exc.reason) from None
         return data
     raise InvalidRequest(field, "must have 'b64' or 'url'")
 
@@ -136,8 +139,19 @@ def encode_request(
     }
 
 
-def decode_request(payload: Any, *, fetch: Any = None) -> SpeechRequest | RenderRequest:
-    """Validate a job payload into a request. Raises ``InvalidRequest`` naming the field."""
+#: the shape of a job, quoted by errors about a body that is not one
+JOB_SHAPE = ('{"v": 1, "task": "speech", "input": {"text": "Hello.", "speaker": 0}} '
+             '(or "task": "render" with "input": {"text": ...} or {"audio": MEDIA})')
+
+
+def decode_request(payload: Any, *, fetch: Any = None, limits: Limits = DEFAULT_LIMITS
+                   ) -> SpeechRequest | RenderRequest:
+    """Validate a job payload into a request. Raises ``InvalidRequest`` naming the field.
+
+    Counts are checked against ``limits`` before any media is decoded or fetched."""
+    if isinstance(payload, dict) and "v" not in payload and "task" not in payload and "input" not in payload:
+        # A bare request ({"text": ...}): say what a job looks like instead of "unsupported version None".
+        raise InvalidRequest("payload", f"is not a wire job; send {JOB_SHAPE}")
     if not isinstance(payload, dict):
         raise InvalidRequest("payload", "must be a JSON object")
     version = payload.get("v")
@@ -148,10 +162,19 @@ def decode_request(payload: Any, *, fetch: Any = None) -> SpeechRequest | Render
     if not isinstance(inp, dict):
         raise InvalidRequest("input", "must be a JSON object")
     if task == "speech":
+        fields = {k: inp[k] for k in ("text", "speaker", "max_length_ms", "engine", "temperature", "topk")
+                  if inp.get(k) is not None}
+        if "text" not in fields:
+            raise InvalidRequest("input.text", "is required")
+        build(SpeechRequest, **fields)  # every cheap field is checked before any media is decoded or fetched
         context = []
         raw_context = inp.get("context") or []
         if not isinstance(raw_context, list):
             raise InvalidRequest("input.context", "must be a list")
+        if len(raw_context) > limits.max_context_segments:
+            raise InvalidRequest(
+                "input.context", f"{len(raw_context)} segments is over the limit of {limits.max_context_segments}"
+            )
         for i, seg in enumerate(raw_context):
             if not isinstance(seg, dict):
                 raise InvalidRequest(f"input.context.{i}", "must be an object")
@@ -159,23 +182,23 @@ def decode_request(payload: Any, *, fetch: Any = None) -> SpeechRequest | Render
             context.append(
                 build(Segment, speaker=seg.get("speaker", 0), text=seg.get("text", ""), audio=audio)
             )
-        fields = {k: inp[k] for k in ("text", "speaker", "max_length_ms", "engine", "temperature", "topk")
-                  if inp.get(k) is not None}
-        if "text" not in fields:
-            raise InvalidRequest("input.text", "is required")
         return build(SpeechRequest, context=context, **fields)  # type: ignore[no-any-return]
     if task == "render":
         fields = {k: inp[k] for k in ("text", "speaker", "engine", "avatar_preset", "fps", "size")
                   if inp.get(k) is not None}
-        if inp.get("audio") is not None:
-            fields["audio"] = decode_audio(inp["audio"], "input.audio", fetch=fetch)
-        if inp.get("avatar") is not None:
-            fields["avatar"] = decode_media(inp["avatar"], "input.avatar", fetch=fetch)
         if inp.get("mouth_box") is not None:
             box = inp["mouth_box"]
             if not isinstance(box, list | tuple) or len(box) != 4:
                 raise InvalidRequest("input.mouth_box", "must be [x, y, w, h]")
-            fields["mouth_box"] = tuple(int(b) for b in box)
+            fields["mouth_box"] = tuple(box)  # the model checks each is a whole number
+        if (inp.get("audio") is None) == (inp.get("text") is None):
+            raise InvalidRequest("input", "give exactly one of audio or text")
+        # Every cheap field is checked before any media is decoded or fetched.
+        build(RenderRequest, **{**fields, "text": fields.get("text", "check")})
+        if inp.get("audio") is not None:
+            fields["audio"] = decode_audio(inp["audio"], "input.audio", fetch=fetch)
+        if inp.get("avatar") is not None:
+            fields["avatar"] = decode_media(inp["avatar"], "input.avatar", fetch=fetch)
         return build(RenderRequest, **fields)  # type: ignore[no-any-return]
     raise InvalidRequest("task", f"must be 'speech' or 'render', got {task!r}")
 

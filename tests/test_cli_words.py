@@ -19,6 +19,9 @@ from broker.providers import registry
 from broker.testing.cog_runtime import free_port
 from tests.conftest import ROOT, run_cli
 
+#: a config file with nothing in it (BROKER_CONFIG must name a file that exists)
+EMPTY_CONFIG = Path(__file__).parent / "data" / "empty.toml"
+
 #: rich wraps tables to the terminal; a wide one keeps each hint on one line
 WIDE = {"COLUMNS": "400"}
 
@@ -142,7 +145,7 @@ def test_emulate_replicate_exports_point_broker_at_it_and_keep_its_jobs_apart(tm
         assert exports["REPLICATE_API_TOKEN"].startswith("r8_emulated_")
         # a user who exports exactly those lines: the job runs on the emulator and lands in its ledger
         home = tmp_path / "home"
-        user = {"HOME": str(home), "BROKER_CONFIG": str(tmp_path / "none.toml"), **exports}
+        user = {"HOME": str(home), "BROKER_CONFIG": str(EMPTY_CONFIG), **exports}
         done = run_cli("speak", "Exported and routed.", "--provider", "replicate", "-o", str(tmp_path / "r.wav"),
                        "--json", env=user, timeout=180)
         assert done.returncode == 0, done.stderr

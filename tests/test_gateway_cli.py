@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "BROKER_CONFIG": str(tmp / "none.toml"),
+    return {**os.environ, "PYTHONPATH": str(ROOT), "BROKER_CONFIG": str(ROOT / "tests" / "data" / "empty.toml"),
             "BROKER_LEDGER__PATH": str(tmp / "ledger.sqlite"), "BROKER_GATEWAY__OUTPUT_DIR": str(tmp / "out"),
             "HOME": str(tmp)}
 

@@ -51,9 +51,9 @@ def test_billing_rounds_up_and_applies_the_minimum() -> None:
     assert row.cost(12.1) == pytest.approx(0.013)
 
 
-def test_cost_for_uses_the_catalog_and_is_zero_when_unknown() -> None:
+def test_cost_for_uses_the_catalog_and_is_unknown_without_a_row() -> None:
     assert cost_for("runpod", "A100", 2.3) == pytest.approx(3 * 0.00076)  # RunPod rounds up to whole seconds
-    assert cost_for("nobody", "nothing", 100) == 0.0
+    assert cost_for("nobody", "nothing", 100) is None  # unknown is not free
 
 
 def test_quote_is_queue_plus_cold_start_times_p_plus_run(catalog: Catalog) -> None:

@@ -19,6 +19,9 @@ from broker.settings import Settings
 from broker.testing.cog_runtime import free_port
 from tests.replicate_support import TOKEN, emulator, shared_runtime
 
+#: a config file with nothing in it (BROKER_CONFIG must name a file that exists)
+EMPTY_CONFIG = Path(__file__).parent / "data" / "empty.toml"
+
 pytestmark = pytest.mark.usefixtures("piper_available")
 
 CONFIG = """# my broker config: this comment must survive a deploy
@@ -94,7 +97,7 @@ def test_deploy_without_cog_says_what_to_run(tmp_path: Path, monkeypatch: pytest
 
 
 def test_deploy_needs_a_token(tmp_path: Path) -> None:
-    env = {"REPLICATE_API_TOKEN": "", "BROKER_CONFIG": str(tmp_path / "none.toml")}
+    env = {"REPLICATE_API_TOKEN": "", "BROKER_CONFIG": str(EMPTY_CONFIG)}
     result = CliRunner().invoke(app, ["deploy", "replicate", "--no-push"], env=env)
     assert result.exit_code == 2 and "REPLICATE_API_TOKEN" in result.output
     dry = CliRunner().invoke(app, ["deploy", "replicate", "--dry-run"], env=env)

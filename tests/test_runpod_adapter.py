@@ -290,7 +290,7 @@ async def test_queue_timeout_cancels_and_reports_unavailable(emu: RunPodEmulator
 async def test_ttl_expiry_in_queue(emu: RunPodEmulator) -> None:
     emu.set_faults(ttl_s=0.2)
     job = await provider(emu).submit(SpeechRequest(text="Hi"))
-    with pytest.raises(ProviderUnavailable, match="expired"):
+    with pytest.raises(ProviderUnavailable, match="expired in RunPod's queue: its ttl"):
         await job.result(timeout=10)
 
 
@@ -299,9 +299,11 @@ async def test_execution_timeout_stops_the_worker(emu: RunPodEmulator, worker: S
     taken = await asyncio.to_thread(worker.take)
     await wait_state(job, JobState.RUNNING)
     emu.set_faults(ttl_s=0.1)
-    with pytest.raises(ProviderTimeout):
+    with pytest.raises(ProviderTimeout) as info:
         await job.result(timeout=10)
     assert await asyncio.to_thread(worker.stops) == [taken["id"]]
+    # the ttl ran out, not the 600 s execution timeout: the message says which
+    assert "ttl" in info.value.message and "not its execution timeout" in info.value.message
 
 
 async def test_cancel_is_idempotent_and_reaches_the_worker(emu: RunPodEmulator, worker: ScriptedWorker) -> None:

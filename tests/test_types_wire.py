@@ -85,7 +85,7 @@ def test_speech_payload_round_trip_keeps_context_audio() -> None:
 
 
 def test_render_payload_round_trip() -> None:
-    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 20
+    png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\1\0\0\0\1\0" + b"\0" * 20
     req = build(RenderRequest, audio=tone(1.0), avatar=png, mouth_box=(1, 2, 30, 20), fps=30, size=256)
     back = wire.decode_request(wire.encode_request(req))
     assert isinstance(back, RenderRequest)

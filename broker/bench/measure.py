@@ -176,7 +176,7 @@ async def timed_job(provider: Provider, request: SpeechRequest | RenderRequest, 
                            error=f"{type(exc).__name__}: {message}", error_class=type(exc).__name__,
                            provider_job_id=job.id if job is not None else None, started_at=started_at,
                            ended_at=time.time())
-        _bill_into(timing, job)
+        _bill_into(timing, job, provider)
         return timing, None
     wall = time.perf_counter() - t0
     queue, run, source = timing_of(job, wall)
@@ -186,14 +186,18 @@ async def timed_job(provider: Provider, request: SpeechRequest | RenderRequest, 
         frames=out.frames if isinstance(out, Video) else 0, timing_source=source, provider_job_id=job.id,
         started_at=started_at, ended_at=time.time(),
     )
-    _bill_into(timing, job)
+    _bill_into(timing, job, provider)
     return timing, out
 
 
-def _bill_into(timing: JobTiming, job: Job | None) -> None:
+def _bill_into(timing: JobTiming, job: Job | None, provider: Provider) -> None:
+    """The seconds the provider reported, priced by the catalog (providers report seconds, not dollars)."""
+    from broker.money.pricing import default_catalog
+
     bill = job.billing if job is not None else None
     if bill is not None:
-        timing.billed_s, timing.cost_usd, timing.cost_estimated = bill.billed_seconds, bill.cost_usd, bill.estimated
+        timing.billed_s, timing.cost_usd = default_catalog().settle(provider.name, provider.capabilities.hardware, bill)
+        timing.cost_estimated = bill.estimated
 
 
 def speed_from(jobs: Sequence[JobTiming]) -> TaskSpeed:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from broker.cli.common import atomic_output, err, guarded, interactive, out, print_json
+from broker.cli.common import atomic_output, check_engine, err, interactive, out, print_json
+from broker.cli.signals import run_job_command
 
 if TYPE_CHECKING:
     from broker.bench.run import Progress
@@ -79,6 +80,7 @@ def bench(
         from broker.settings import Settings
         from broker.store import open_store
 
+        check_engine(engine)
         options = BenchOptions(
             estimate=estimate or not live, live=live,
             providers=_names(providers), hardware=_names(hardware),
@@ -110,7 +112,7 @@ def bench(
             return
         _print(result)
 
-    guarded(run, as_json=as_json)
+    run_job_command(run, as_json=as_json)
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -9,7 +9,19 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from broker.cli.common import atomic_output, err, fail, guarded, interactive, out, print_json
+from broker.cli.common import (
+    MAX_AUDIO_FILE_BYTES,
+    atomic_output,
+    check_engine,
+    check_output,
+    err,
+    fail,
+    interactive,
+    out,
+    print_json,
+    read_input,
+)
+from broker.cli.signals import run_job_command
 from broker.errors import InvalidRequest
 from broker.media import Audio, Video
 from broker.types import RenderRequest, SpeechRequest, build
@@ -80,6 +92,7 @@ def speak(
     def run() -> None:
         if (text is None) == (file is None):
             raise InvalidRequest("text", "give TEXT or --file PATH (not both)")
+        check_engine(engine)
         if file is not None:
             from broker.cli.longform import speak_file
 
@@ -98,7 +111,7 @@ def speak(
             return
         _speak_text(text or "", path, output is None, speaker, provider, engine, max_length_ms, as_json)
 
-    guarded(run, as_json=as_json)
+    run_job_command(run, as_json=as_json)
 
 
 #: `broker speak TEXT` longer than this runs as a long job (the same path as --file)
@@ -113,6 +126,7 @@ def _speak_text(text: str, output: Path, defaulted: bool, speaker: str, provider
 
     request = build(SpeechRequest, text=text, speaker=_speaker(speaker), engine=engine, max_length_ms=max_length_ms)
     check_output_path(output)
+    check_output(output)
     started = time.perf_counter()
     manager = _manager(provider)
     request.check_limits(manager.settings.limits)
@@ -175,6 +189,7 @@ def render(
             raise InvalidRequest("input", "give exactly one of --text, --audio or --file")
         if path.suffix.lower() != ".mp4":
             raise InvalidRequest("output", "must end in .mp4")
+        check_output(path, audio=audio, avatar=avatar)
         avatar_bytes = _read_avatar(avatar)
         long_audio = _long_audio(audio, file, speaker, provider)
         if long_audio is not None:
@@ -187,8 +202,9 @@ def render(
         if text is not None:
             fields["text"] = text
         if audio is not None:
+            data = read_input(audio, "audio", MAX_AUDIO_FILE_BYTES)
             try:
-                fields["audio"] = Audio.from_file(audio)
+                fields["audio"] = Audio.from_bytes(data)
             except (OSError, ValueError) as exc:
                 raise InvalidRequest("audio", f"cannot read {audio}: {exc}") from None
         if avatar_bytes is not None:
@@ -216,7 +232,7 @@ def render(
                 highlight=False, soft_wrap=True,
             )
 
-    guarded(run, as_json=as_json)
+    run_job_command(run, as_json=as_json)
 
 
 def _where(path: Path, defaulted: bool) -> str:
@@ -228,10 +244,9 @@ def _where(path: Path, defaulted: bool) -> str:
 def _read_avatar(avatar: Path | None) -> bytes | None:
     if avatar is None:
         return None
-    try:
-        return avatar.read_bytes()
-    except OSError as exc:
-        raise InvalidRequest("avatar", f"cannot read {avatar}: {exc.strerror}") from None
+    from broker.types import DEFAULT_LIMITS
+
+    return read_input(avatar, "avatar", DEFAULT_LIMITS.max_avatar_bytes)
 
 
 def _long_audio(audio: Path | None, file: str | None, speaker: str, provider: str | None) -> Audio | None:
@@ -252,8 +267,9 @@ def _long_audio(audio: Path | None, file: str | None, speaker: str, provider: st
         return None
     if seconds <= SEGMENT_S * 1.5:
         return None
+    data = read_input(audio, "audio", MAX_AUDIO_FILE_BYTES)
     try:
-        return Audio.from_file(audio)
+        return Audio.from_bytes(data)
     except (OSError, ValueError) as exc:
         raise InvalidRequest("audio", f"cannot read {audio}: {exc}") from None
 

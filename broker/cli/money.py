@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from broker.cli.common import guarded, out, print_json
+from broker.cli.common import check_engine, guarded, out, positive, print_json
 
 
 def _quote_rows(text: str, render: bool, engine: str | None, deadline: float | None,
@@ -82,6 +82,8 @@ def quote(
     """Rank the providers for TEXT: expected $ and seconds each, and why any was dropped."""
 
     def run() -> None:
+        positive("--deadline", deadline)
+        check_engine(engine)
         from broker.errors import InvalidRequest
 
         if (text is None) == (file is None):
@@ -132,6 +134,7 @@ def costs(
         from broker.settings import Settings
         from broker.store import open_store, store_url
 
+        positive("--days", days, allow_zero=True)
         settings = Settings()
         ledger = open_store(settings)  # the shared PostgreSQL ledger when ledger.url names one
         since = time.time() - days * 86400 if days > 0 else None

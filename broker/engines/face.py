@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from broker.errors import EngineUnavailable, InvalidRequest
+from broker.image_header import image_size
+from broker.types import DEFAULT_LIMITS
 
 Box = tuple[int, int, int, int]
 
@@ -69,8 +71,15 @@ def _cascade(name: str) -> Any:
     return found
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes → RGB uint8; anything OpenCV cannot decode is the caller's mistake."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_LIMITS.max_image_pixels) -> np.ndarray:
+    """Encoded image bytes → RGB uint8; anything OpenCV cannot decode is the caller's mistake.
+
+    The size comes from the header first: a small file may declare a picture of gigabytes."""
+    size = image_size(data)
+    if size is None:
+        raise InvalidRequest("avatar", "is not an image (it could not be decoded as PNG, JPEG, WebP, GIF or BMP)")
+    if size[0] * size[1] > max_pixels:
+        raise InvalidRequest("avatar", f"is {size[0]}x{size[1]} pixels, over the limit of {max_pixels:,} pixels")
     cv2 = _cv2()
     buf = np.frombuffer(data, dtype=np.uint8)
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if len(buf) else None

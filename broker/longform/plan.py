@@ -83,8 +83,8 @@ def lanes_for(manager: Any, sample: Any, engine: str, words: int) -> list[Lane]:
     for c in plan.ordered:
         hw = c.provider.capabilities.hardware
         limit = concurrency(c.provider, manager.settings)
-        if manager.catalog.price(c.name, hw) is not None:
-            warm, cold = (manager.catalog.quote(c.name, hw, sample, default_engine=engine, p_cold=p)
+        if manager.catalog.price(c.provider.kind, hw) is not None:
+            warm, cold = (manager.catalog.quote(c.provider.kind, hw, sample, default_engine=engine, p_cold=p)
                           for p in (0.0, 1.0))
             lanes.append(lane_from_quotes(c.name, limit, warm, cold, words))
         else:  # a provider that prices itself

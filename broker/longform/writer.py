@@ -69,7 +69,10 @@ class AudioWriter:
         self.sample_rate = sample_rate
         self.samples_written = 0
         self.chapters: list[tuple[int, str]] = []
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.path.suffix, dir=self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.path.suffix, dir=self.path.parent)
+        except OSError as exc:  # read-only, /proc, no permission: refused before any provider is paid
+            raise InvalidRequest("output", f"cannot write in {self.path.parent}: {exc.strerror}") from None
         os.close(fd)
         self.tmp = Path(tmp)
         container, codec = FORMATS[self.ext]

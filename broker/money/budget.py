@@ -1,22 +1,30 @@
 """Budgets: per-job caps and rolling daily/monthly limits, reserved before dispatch and settled after.
 
-An attempt reserves ``quote × reserve_factor`` (shrunk to the headroom left, never below the quote)
-in the ledger before the provider is called; the manager stops the attempt before its running cost
+An attempt at a provider that can bill reserves ``quote × reserve_factor`` (shrunk to the headroom
+left, never below the quote) in the ledger before the provider is called, and records the provider's
+job id the moment the provider accepts it (write-ahead); the manager stops the attempt before its running cost
 could pass what was reserved, and settles the reservation to the billed cost when it ends. The
 check and the reservation are one store transaction (SQLite or PostgreSQL), taken under an asyncio lock in a worker
 thread, so concurrent jobs in one process and jobs in other processes sharing the ledger file
-never spend past a limit together. ``BudgetExceeded`` is raised before anything is spent.
+never spend past a limit together. ``BudgetExceeded`` is raised before anything is spent; when the
+limit is full only of open reservations (they usually settle far below what they hold), the attempt
+waits for room until its deadline instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from broker.store.base import LedgerBusy, LedgerStore, SpendLimit
+from broker.store.base import BudgetFull, LedgerBusy, LedgerStore, SpendLimit
 
+#: how often a job waiting for budget room looks again (other processes settle without telling us)
+ROOM_POLL_S = 0.25
+
+T = TypeVar("T")
 DAY_S = 24 * 3600.0
 MONTH_S = 30 * DAY_S
 
@@ -53,6 +61,8 @@ class Reservation:
     #: True when a budget limit bounds this attempt (its running time is then capped by ``usd``)
     capped: bool
     pending: dict[str, Any] = field(default_factory=dict)
+    #: the provider can bill: its row is written the moment it accepts the job
+    write_ahead: bool = False
 
 
 class Accountant:
@@ -62,6 +72,7 @@ class Accountant:
         self.ledger = ledger
         self.budget = budget or Budget()
         self._lock = asyncio.Lock()
+        self._settled: asyncio.Event | None = None
 
     async def open(
         self,
@@ -74,13 +85,41 @@ class Accountant:
         expires_at: float | None = None,
         hedge: bool = False,
         max_usd: float | None = None,
+        billable: bool = True,
+        wait_until: float | None = None,
     ) -> Reservation:
+        """Reserve for one attempt. ``billable=False`` (a free provider) writes the row once, when it ends;
+        ``wait_until`` (a ``time.monotonic()`` instant) lets a full budget wait for open reservations to settle."""
         limits = self.budget.limits(job_id, max_usd) if quote_usd > 0 or max_usd is not None else []
         if not limits:
-            # Nothing to enforce: the attempt is written once, when it ends (one write, not two).
-            return Reservation(None, quote_usd, capped=False, pending={
+            # Nothing to enforce: a provider that can bill gets its row once it accepts the job (``started``,
+            # before anyone waits on it); one that cannot is written once, when it ends.
+            return Reservation(None, quote_usd, capped=False, write_ahead=billable, pending={
                 "job_id": job_id, "provider": provider, "hardware": hardware, "task": task, "hedge": hedge,
                 "reserved_usd": quote_usd, "started_at": time.time()})
+        while True:
+            try:
+                return await self._reserve(job_id, provider, limits, quote_usd, hardware, task, expires_at, hedge)
+            except BudgetFull as exc:
+                if not exc.waitable or wait_until is None or time.monotonic() + ROOM_POLL_S >= wait_until:
+                    raise
+            await self._room(min(ROOM_POLL_S, wait_until - time.monotonic()))
+
+    async def _room(self, timeout: float) -> None:
+        """Wait until an attempt of ours settles, or ``timeout`` (another process's may have)."""
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        event = self._settled
+        try:
+            await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        except TimeoutError:
+            pass
+        if event.is_set():
+            self._settled = None
+
+    async def _reserve(self, job_id: str, provider: str, limits: list[SpendLimit], quote_usd: float,
+                       hardware: str | None, task: str | None, expires_at: float | None,
+                       hedge: bool) -> Reservation:
         wanted = quote_usd * self.budget.reserve_factor
         kwargs = dict(hardware=hardware, task=task, reserved_usd=wanted, min_reserved_usd=quote_usd,
                       expires_at=expires_at, hedge=hedge, limits=limits)
@@ -102,9 +141,44 @@ class Accountant:
             )
         return Reservation(aid, usd, capped=True)
 
+    async def started(self, reservation: Reservation, provider_job_id: str) -> None:
+        """The provider accepted the job: its id goes to the ledger before we wait on it."""
+        if reservation.attempt_id is not None:
+            await _off_the_loop_if_busy(self.ledger.started, reservation.attempt_id, provider_job_id)
+        elif reservation.write_ahead:
+            p = reservation.pending
+            reservation.attempt_id, _ = await _off_the_loop_if_busy(
+                self.ledger.open_attempt, p["job_id"], p["provider"], hardware=p["hardware"], task=p["task"],
+                reserved_usd=p["reserved_usd"], hedge=p["hedge"], now=p["started_at"],
+                provider_job_id=provider_job_id)
+
+    def cancelling(self, reservation: Reservation, *, provider_job_id: str | None, expires_at: float | None,
+                   message: str | None = None) -> None:
+        """The job was abandoned and its cancel is not confirmed yet: the row stays open, reservation held."""
+        if reservation.attempt_id is None:
+            p = reservation.pending
+            reservation.attempt_id, _ = self.ledger.open_attempt(
+                p["job_id"], p["provider"], hardware=p["hardware"], task=p["task"], reserved_usd=p["reserved_usd"],
+                hedge=p["hedge"], now=p["started_at"])
+        self.ledger.mark_cancelling(reservation.attempt_id, provider_job_id=provider_job_id, expires_at=expires_at,
+                                    message=message)
+
     def settle(self, reservation: Reservation, status: str, **fields: Any) -> None:
         """Close the attempt with what it really cost."""
         if reservation.attempt_id is None:
             self.ledger.record_attempt(status=status, **reservation.pending, **fields)
         else:
             self.ledger.close_attempt(reservation.attempt_id, status, **fields)
+        if self._settled is not None:
+            self._settled.set()
+
+
+async def _off_the_loop_if_busy(write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Write right here when the ledger is free; if another process holds its write lock, wait for it in a
+    worker thread (busy_timeout) rather than on the event loop."""
+    if getattr(getattr(write, "__self__", None), "remote", False):
+        return await asyncio.to_thread(write, *args, **kwargs)  # a network round trip: never on the loop
+    try:
+        return write(*args, wait=False, **kwargs)
+    except LedgerBusy:
+        return await asyncio.to_thread(write, *args, **kwargs)

@@ -2,29 +2,39 @@
 
 The embedded backend of ``broker.store`` (``LedgerStore``); ``broker.store.postgres`` is the shared one.
 
-One table, one row per attempt: opened (``reserved``) before the provider is called when a budget
-needs it, closed with its outcome, billed seconds and cost after. Budgets are checked and the
-reservation written in the same ``BEGIN IMMEDIATE`` transaction, so two processes sharing the file
-cannot both squeeze under the same limit. WAL mode lets readers (``broker costs``) run while jobs
-write. Settled spend is also summed into minute and hour buckets, so checking a rolling daily or
-monthly budget reads at most a few thousand small rows however many attempts the ledger holds.
+One table, one row per attempt: opened (``reserved``) before a billable provider is called, marked
+``running`` with the provider's job id before we wait on it (write-ahead: a billed job is never
+invisible, even after kill -9), ``cancelling`` while an abandoned job's cancel is unconfirmed, and
+closed with its outcome, billed seconds and cost after. Open rows carry their owner (pid, host) and
+a heartbeat, so the next process can find and settle the rows of one that died (``orphans``).
+Budgets are checked and the reservation written in the same ``BEGIN IMMEDIATE`` transaction, so
+two processes sharing the file cannot both squeeze under the same limit. WAL mode lets readers
+(``broker costs``) run while jobs write. Settled spend is also summed into minute and hour buckets,
+so checking a rolling daily or monthly budget reads at most a few thousand small rows however many
+attempts the ledger holds.
 """
 
 from __future__ import annotations
 
-import atexit
+import os
+import socket
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.errors import BudgetExceeded, ConfigurationError
-from broker.store.base import LedgerBusy, SpendLimit
+from broker.errors import ConfigurationError
+from broker.money.ledger_threads import HEARTBEAT_S, LIVE, beat, flush_all, flusher
+from broker.redact import scrub
+from broker.store.base import OPEN_STATUSES, BudgetFull, LedgerBusy, SpendLimit
 
-SCHEMA_VERSION = 1
+__all__ = ["HEARTBEAT_S", "OPEN_STATUSES", "BudgetFull", "Ledger", "LedgerBusy", "SpendLimit", "flush_all", "owner"]
+
+SCHEMA_VERSION = 2
+_OPEN = "status IN ('reserved', 'running', 'cancelling')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,7 +59,6 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_started ON attempts (started_at);
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
-CREATE INDEX IF NOT EXISTS attempts_open ON attempts (started_at) WHERE status IN ('reserved', 'running');
 CREATE TABLE IF NOT EXISTS spend_buckets (
     width INTEGER NOT NULL,
     start INTEGER NOT NULL,
@@ -61,10 +70,17 @@ CREATE TABLE IF NOT EXISTS spend_buckets (
 #: bucket widths for settled spend: minutes for windows up to two days, hours beyond
 _BUCKETS = (60, 3600)
 
+# v1 -> v2: the owner of an open attempt and its heartbeat (reconcile after a crash), a 'cancelling'
+# status that keeps its reservation, and an explicit "no price row" flag (an unknown cost is not $0).
+_V2_COLUMNS = (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat_at", "REAL"),
+               ("unpriced", "INTEGER NOT NULL DEFAULT 0"))
+_V2_INDEX = ("DROP INDEX IF EXISTS attempts_open",
+             f"CREATE INDEX IF NOT EXISTS attempts_open2 ON attempts (started_at) WHERE {_OPEN}")
+
 # A job's spend counts a closed attempt's cost and an open one's reservation (until it expires: a
 # process that died mid-job must not hold the budget forever).
 _SPEND = """
-SELECT COALESCE(SUM(CASE WHEN status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > ?)
+SELECT COALESCE(SUM(CASE WHEN status IN ('reserved', 'running', 'cancelling') AND (expires_at IS NULL OR expires_at > ?)
                         THEN MAX(reserved_usd, cost_usd)
                         ELSE cost_usd END), 0)
 FROM attempts WHERE {where}
@@ -73,8 +89,19 @@ FROM attempts WHERE {where}
 
 _OPEN_SPEND = """
 SELECT COALESCE(SUM(MAX(reserved_usd, cost_usd)), 0) FROM attempts
-WHERE status IN ('reserved', 'running') AND (expires_at IS NULL OR expires_at > ?) AND started_at >= ?
+WHERE status IN ('reserved', 'running', 'cancelling') AND (expires_at IS NULL OR expires_at > ?)
+  AND started_at >= ?
 """
+
+
+def _note(message: str | None) -> str | None:
+    """What a row keeps of a message: scrubbed of credentials (the ledger outlives any log), 500 chars."""
+    return scrub(message or "")[:500] or None
+
+
+def owner() -> tuple[int, str]:
+    """Who owns the attempts this process opens: (pid, host)."""
+    return os.getpid(), socket.gethostname()
 
 
 class Ledger:
@@ -100,13 +127,17 @@ class Ledger:
         self._closed = False
         self._wake = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._beater: threading.Thread | None = None
+        self._stop_beat = threading.Event()
         self._written: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] = ([], [])
         self._busy_ms = int(busy_timeout_s * 1000)
         try:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
+            self._db.execute("PRAGMA schema_version")  # reads the header: a file that is not a database fails here
         except sqlite3.Error as exc:
-            raise ConfigurationError(f"cannot open the ledger {self.path}: {exc}") from None
+            raise ConfigurationError(f"cannot open the ledger {self.path}: {exc} "
+                                     "(move the file aside, or set ledger.path / BROKER_LEDGER__PATH)") from None
         self._db.row_factory = sqlite3.Row
         with self._lock:
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -119,20 +150,30 @@ class Ledger:
                     if stmt.strip():
                         self._db.execute(stmt)
                 row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
+                if row is not None and int(row[0]) > SCHEMA_VERSION:
                     raise ConfigurationError(
                         f"the ledger {self.path} has schema {row[0]}; this broker knows up to {SCHEMA_VERSION}"
                     )
+                self._upgrade()
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE "
+                                 "SET value = excluded.value", (str(SCHEMA_VERSION),))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        _LIVE.add(self)
+        LIVE.add(self)
 
     def __repr__(self) -> str:
         return f"<Ledger {self.path}>"
+
+    def _upgrade(self) -> None:
+        """Bring a v1 file (or the v1 tables just created) to v2; safe to run on any version."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(attempts)").fetchall()}
+        for name, decl in _V2_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE attempts ADD COLUMN {name} {decl}")
+        for stmt in _V2_INDEX:
+            self._db.execute(stmt)
 
     # -- writing ----------------------------------------------------------------------------
     def open_attempt(
@@ -149,6 +190,7 @@ class Ledger:
         limits: Sequence[SpendLimit] = (),
         now: float | None = None,
         wait: bool = True,
+        provider_job_id: str | None = None,
     ) -> tuple[int, float]:
         """Record an attempt about to start; returns (attempt id, dollars reserved).
 
@@ -159,11 +201,16 @@ class Ledger:
         """
         now = time.time() if now is None else now
         insert = ("INSERT INTO attempts (job_id, task, provider, hardware, status, reserved_usd, hedge, "
-                  "started_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                  "started_at, expires_at, owner_pid, owner_host, heartbeat_at, provider_job_id) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        pid, host = owner()
+        status = "reserved" if provider_job_id is None else "running"
+        self._start_heartbeat()
         with self._lock:
             if not limits:
-                row = (job_id, task, provider, hardware, "reserved", reserved_usd, int(hedge), now, expires_at)
-                cur = self._db.execute(insert, row)
+                row = (job_id, task, provider, hardware, status, reserved_usd, int(hedge), now, expires_at,
+                       pid, host, now, provider_job_id)
+                cur = self._write(insert, row, wait)
                 return int(cur.lastrowid or 0), reserved_usd
             floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
             try:
@@ -184,13 +231,15 @@ class Ledger:
                     spent = self._spent(now, limit)
                     headroom = limit.cap_usd - spent
                     if headroom + 1e-12 < floor:
-                        raise BudgetExceeded(
+                        raise BudgetFull(
+                            limit.cap_usd - self._spent(now, limit, settled_only=True) + 1e-12 >= floor,
                             f"{limit.label}: ${spent:.6f} already spent or reserved; this attempt needs "
                             f"${floor:.6f} more and the limit is ${limit.cap_usd:g}"
                         )
                     amount = min(amount, headroom)
                 amount = max(amount, floor)
-                row = (job_id, task, provider, hardware, "reserved", amount, int(hedge), now, expires_at)
+                row = (job_id, task, provider, hardware, status, amount, int(hedge), now, expires_at,
+                       pid, host, now, provider_job_id)
                 cur = self._db.execute(insert, row)
                 self._db.execute("COMMIT")
                 self._written = ([], [])
@@ -218,11 +267,12 @@ class Ledger:
         error_class: str | None = None,
         message: str | None = None,
         ended_at: float | None = None,
+        unpriced: bool = False,
     ) -> None:
-        """Write a finished attempt in one go (used when no budget needed it reserved up front)."""
-        row = (job_id, task, provider, hardware, provider_job_id, status, error_class, (message or "")[:500] or None,
+        """Write a finished attempt in one go (used for attempts that could not bill: nothing to write ahead)."""
+        row = (job_id, task, provider, hardware, provider_job_id, status, error_class, _note(message),
                reserved_usd, billed_seconds, cost_usd, int(cost_estimated), int(hedge), started_at,
-               time.time() if ended_at is None else ended_at)
+               time.time() if ended_at is None else ended_at, int(unpriced))
         with self._lock:
             self._pending.append(row)
             self._schedule_flush()
@@ -239,20 +289,94 @@ class Ledger:
         error_class: str | None = None,
         message: str | None = None,
         ended_at: float | None = None,
+        unpriced: bool = False,
     ) -> None:
         row = (status, provider_job_id, billed_seconds, cost_usd, int(cost_estimated), error_class,
-               (message or "")[:500] or None, time.time() if ended_at is None else ended_at, attempt_id)
+               _note(message), time.time() if ended_at is None else ended_at, int(unpriced), attempt_id)
         with self._lock:
             # Until this lands the reservation still counts in full: late is safe, never optimistic.
             self._pending_updates.append(row)
             self._schedule_flush()
+
+    def started(self, attempt_id: int, provider_job_id: str, *, wait: bool = True) -> None:
+        """Write-ahead: the provider accepted the job; its id is on disk before anyone waits on it."""
+        with self._lock:
+            self._write("UPDATE attempts SET status = 'running', provider_job_id = ?, heartbeat_at = ? "
+                        f"WHERE id = ? AND {_OPEN}", (provider_job_id, time.time(), attempt_id), wait)
+
+    def _write(self, sql: str, args: tuple[Any, ...], wait: bool) -> sqlite3.Cursor:
+        """One autocommit statement (under ``_lock``); ``wait=False``: ``LedgerBusy`` if another process writes."""
+        if wait or self.path == ":memory:":  # nobody else can hold an in-memory database's lock
+            return self._db.execute(sql, args)
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.OperationalError as exc:
+            if "lock" in str(exc):
+                raise LedgerBusy(str(exc)) from None
+            raise
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+
+    def mark_cancelling(self, attempt_id: int, *, provider_job_id: str | None, expires_at: float | None,
+                        message: str | None = None) -> None:
+        """The job was abandoned but the provider has not confirmed it stopped: keep the reservation
+        (until ``expires_at``, when the provider ends the job itself; None = until settled)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE attempts SET status = 'cancelling', provider_job_id = COALESCE(?, provider_job_id), "
+                f"expires_at = ?, message = ?, heartbeat_at = ? WHERE id = ? AND {_OPEN}",
+                (provider_job_id, expires_at, _note(message), time.time(), attempt_id))
+
+    def orphans(self, *, stale_s: float, alive: Callable[[int], bool], now: float | None = None
+                ) -> list[dict[str, Any]]:
+        """Open attempts whose owner is gone: a dead pid on this host, or no heartbeat for ``stale_s``."""
+        now = time.time() if now is None else now
+        me, host = owner()
+        with self._lock:
+            self._flush_locked()
+            rows = [dict(r) for r in self._db.execute(f"SELECT * FROM attempts WHERE {_OPEN} ORDER BY id")]
+        out = []
+        for r in rows:
+            pid, beat = r["owner_pid"], r["heartbeat_at"] or r["started_at"]
+            if pid == me and r["owner_host"] == host:
+                continue
+            if (r["owner_host"] == host and pid is not None and not alive(int(pid))) or now - beat > stale_s:
+                out.append(r)
+        return out
+
+    def claim(self, row: dict[str, Any]) -> bool:
+        """Take over an orphaned open attempt; False if another process claimed it first."""
+        pid, host = owner()
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE attempts SET owner_pid = ?, owner_host = ?, heartbeat_at = ? WHERE id = ? AND "
+                f"owner_pid IS ? AND owner_host IS ? AND {_OPEN}",
+                (pid, host, time.time(), row["id"], row["owner_pid"], row["owner_host"]))
+            return cur.rowcount == 1
+
+    def heartbeat(self, now: float | None = None) -> int:
+        """Tell other processes this one still owns its open attempts; returns how many."""
+        pid, host = owner()
+        with self._lock:
+            if self._closed:
+                return 0
+            cur = self._db.execute(f"UPDATE attempts SET heartbeat_at = ? WHERE owner_pid = ? AND owner_host = ? "
+                                   f"AND {_OPEN}", (time.time() if now is None else now, pid, host))
+            return cur.rowcount
+
+    def _start_heartbeat(self) -> None:
+        if self._beater is None and self.path != ":memory:":
+            self._beater = threading.Thread(target=beat, args=(weakref.ref(self), self._stop_beat),
+                                            name="broker-ledger-heartbeat", daemon=True)
+            self._beater.start()
 
     def _schedule_flush(self) -> None:
         if self.write_behind_s <= 0 or len(self._pending) + len(self._pending_updates) >= 512:
             self._flush_locked()
             return
         if self._flusher is None:
-            self._flusher = threading.Thread(target=_flusher, args=(weakref.ref(self), self._wake,
+            self._flusher = threading.Thread(target=flusher, args=(weakref.ref(self), self._wake,
                                                                      self.write_behind_s),
                                              name="broker-ledger", daemon=True)
             self._flusher.start()
@@ -288,13 +412,13 @@ class Ledger:
         if inserts:
             self._db.executemany(
                 "INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, "
-                "message, reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+                "message, reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at, "
+                "unpriced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
         if updates:
             self._db.executemany(
                 "UPDATE attempts SET status = ?, provider_job_id = COALESCE(?, provider_job_id), "
                 "billed_seconds = ?, cost_usd = ?, cost_estimated = ?, error_class = ?, message = ?, "
-                "ended_at = ? WHERE id = ?", updates)
+                "ended_at = ?, unpriced = ? WHERE id = ?", updates)
         buckets: dict[tuple[int, int], float] = {}
         settled = [(r[14], r[10]) for r in inserts] + [(u[7], u[3]) for u in updates]
         for ended, usd in settled:
@@ -315,14 +439,19 @@ class Ledger:
         self._pending[:0], self._pending_updates[:0] = inserts, updates
 
     # -- reading ----------------------------------------------------------------------------
-    def _spent(self, now: float, limit: SpendLimit) -> float:
+    def _spent(self, now: float, limit: SpendLimit, settled_only: bool = False) -> float:
         if limit.job_id is not None:
+            if settled_only:
+                return float(self._db.execute(f"SELECT COALESCE(SUM(cost_usd), 0) FROM attempts WHERE job_id = ? "
+                                              f"AND NOT {_OPEN}", (limit.job_id,)).fetchone()[0])
             return float(self._db.execute(_SPEND.format(where="job_id = ?"), (now, limit.job_id)).fetchone()[0])
         since = now - limit.window_s if limit.window_s is not None else 0.0
         width = _BUCKETS[0] if limit.window_s is not None and limit.window_s <= 2 * 86400 else _BUCKETS[-1]
         # The bucket holding the window's start counts whole: an early "no", never an overspend.
         settled = self._db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend_buckets WHERE width = ? AND start >= ?",
                                    (width, int(since // width) * width)).fetchone()[0]
+        if settled_only:
+            return float(settled)
         reserved = self._db.execute(_OPEN_SPEND, (now, since)).fetchone()[0]
         return float(settled) + float(reserved)
 
@@ -380,38 +509,5 @@ class Ledger:
             self._closed = True
             self._db.close()
         self._wake.set()
-        _LIVE.discard(self)
-
-
-def _flusher(ref: weakref.ref[Ledger], wake: threading.Event, delay: float) -> None:
-    """One thread per ledger: when woken, wait ``delay`` for more attempts, then write them together.
-
-    It holds the ledger only weakly and ends when the ledger is closed or collected."""
-    while True:
-        if not wake.wait(timeout=5.0):
-            if ref() is None:
-                return
-            continue
-        time.sleep(delay)
-        wake.clear()
-        ledger = ref()
-        if ledger is None or ledger._closed:
-            return
-        try:
-            ledger.flush()
-        except sqlite3.Error:
-            pass  # a reader or the next reservation will try again
-        del ledger
-
-
-_LIVE: weakref.WeakSet[Ledger] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_all() -> None:
-    """Attempts still held in memory reach the file when the interpreter exits normally."""
-    for ledger in list(_LIVE):
-        try:
-            ledger.flush()
-        except sqlite3.Error:
-            pass
+        self._stop_beat.set()
+        LIVE.discard(self)

@@ -7,8 +7,9 @@ measured / published / estimate. ``Settings.prices_path`` (and ``manager.profile
 with the same columns that are merged over the packaged ones; ``http.usd_per_hour`` prices a
 self-hosted worker by the hour of its machine.
 
-``quote_for(provider, request)`` and ``cost_for(provider, hardware, billed_seconds)`` are the
-contract adapters and the manager call.
+``Catalog.settle(provider, hardware, billing)`` prices what a provider's job reports (``Job.billing``:
+seconds by the provider's own rules); providers never price themselves. Hardware with no price row
+costs ``None`` (unknown), never $0, unless ``manager.unknown_price_usd_per_hour`` prices it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from broker.media import frames_for
 from broker.types import Quote, RenderRequest, SpeechRequest, estimate_speech_seconds
 
 if TYPE_CHECKING:
-    from broker.providers.base import Provider
+    from broker.providers.base import Billing, Provider
     from broker.settings import Settings
 
 SCHEMA_VERSION = 1
@@ -187,9 +188,12 @@ def _read_path(path: str | Path, what: str) -> str:
 class Catalog:
     """Prices and speed profiles, looked up by (provider, hardware) and (engine, hardware class)."""
 
-    def __init__(self, prices: Iterable[PriceRow] = (), profiles: Iterable[PerfProfile] = ()) -> None:
+    def __init__(self, prices: Iterable[PriceRow] = (), profiles: Iterable[PerfProfile] = (), *,
+                 unknown_usd_per_second: float | None = None) -> None:
         self._prices: dict[tuple[str, str], PriceRow] = {}
         self._profiles: dict[tuple[str, str], PerfProfile] = {}
+        #: what hardware with no price row costs (None: unknown, and such providers skip budgeted jobs)
+        self.unknown_usd_per_second = unknown_usd_per_second
         self.add_prices(prices)
         self.add_profiles(profiles)
 
@@ -203,6 +207,8 @@ class Catalog:
     def from_settings(cls, settings: Settings) -> Catalog:
         """Packaged data, then ``prices_path`` / ``manager.profiles_path``, then settings-priced rows."""
         cat = cls.packaged()
+        fallback = getattr(settings.manager, "unknown_price_usd_per_hour", None)
+        cat.unknown_usd_per_second = None if fallback is None else fallback / 3600.0
         if settings.prices_path:
             cat.add_prices(parse_prices(_read_path(settings.prices_path, "prices_path"), str(settings.prices_path)))
         profiles_path = getattr(settings.manager, "profiles_path", None)
@@ -234,7 +240,7 @@ class Catalog:
 
     def with_prices(self, rows: Iterable[PriceRow]) -> Catalog:
         """A copy with ``rows`` merged over this catalog's prices."""
-        out = Catalog(self.prices(), self._profiles.values())
+        out = Catalog(self.prices(), self._profiles.values(), unknown_usd_per_second=self.unknown_usd_per_second)
         return out.add_prices(rows)
 
     # -- lookups ------------------------------------------------------------------------------
@@ -248,7 +254,14 @@ class Catalog:
         return list(self._profiles.values())
 
     def price(self, provider: str, hardware: str) -> PriceRow | None:
-        return self._prices.get((_key(provider), _key(hardware)))
+        """The row for ``hardware`` at ``provider``; without one, the configured fallback price (or None)."""
+        row = self._prices.get((_key(provider), _key(hardware)))
+        if row is None and self.unknown_usd_per_second is not None:
+            hw = _key(hardware)
+            row = PriceRow(provider=_key(provider), hardware=(hw,), profile="cpu" if hw.startswith("cpu") else "gpu",
+                           usd_per_second=self.unknown_usd_per_second, basis="config",
+                           billing_model="no price row: manager.unknown_price_usd_per_hour")
+        return row
 
     def profile(self, engine: str, hardware_class: str) -> PerfProfile | None:
         engine = engine.lower()
@@ -259,9 +272,28 @@ class Catalog:
             found = self._profiles.get((engine, family))
         return found
 
-    def cost(self, provider: str, hardware: str, billed_seconds: float) -> float:
+    def cost(self, provider: str, hardware: str, billed_seconds: float) -> float | None:
+        """Dollars for ``billed_seconds``; None when the hardware has no price (unknown is not free)."""
         row = self.price(provider, hardware)
-        return row.cost(billed_seconds) if row is not None else 0.0
+        return row.cost(billed_seconds) if row is not None else None
+
+    def settle(self, provider: str, hardware: str, billing: Billing) -> tuple[float, float | None]:
+        """(billed seconds, dollars or None if unpriced) for what a job's provider reported.
+
+        Never below the provider's metrics: its billed seconds, plus the cold start it shows (capped at
+        the row's typical cold start, where the row bills cold starts), and never below a dollar figure
+        the provider stated itself."""
+        row = self.price(provider, hardware)
+        seconds = max(0.0, billing.billed_seconds)
+        cold = billing.cold_start_seconds
+        if cold and row is not None and row.bills_cold_start:
+            seconds += min(cold, row.cold_start_s) if row.cold_start_s > 0 else cold
+        if row is None:
+            return seconds, billing.cost_usd
+        cost = row.cost(seconds)
+        if billing.cost_usd is not None:
+            cost = max(cost, billing.cost_usd)
+        return row.billed_seconds(seconds), cost
 
     # -- quotes -------------------------------------------------------------------------------
     def run_seconds(self, request: SpeechRequest | RenderRequest, hardware_class: str,
@@ -366,8 +398,8 @@ def quote_for(provider: Provider, request: SpeechRequest | RenderRequest, **kwar
     return q.model_copy(update={"provider": provider.name})
 
 
-def cost_for(provider: str, hardware: str, billed_seconds: float) -> float:
-    """Dollars for ``billed_seconds`` of ``hardware`` at ``provider`` from the catalog (0 when unknown)."""
+def cost_for(provider: str, hardware: str, billed_seconds: float) -> float | None:
+    """Dollars for ``billed_seconds`` of ``hardware`` at ``provider`` from the catalog (None when unknown)."""
     return default_catalog().cost(provider, hardware, billed_seconds)
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from broker._sync import iterate_sync, run_sync
 from broker.errors import BrokerError, JobCancelled, ProviderTimeout
 from broker.media import Audio, AudioChunk, Video
+from broker.redact import scrub
 from broker.types import RenderRequest, Segment, SpeechRequest, build
 
 Request = SpeechRequest | RenderRequest
@@ -40,14 +41,21 @@ class JobState(str, Enum):
 
 @dataclass
 class Billing:
-    """What a job cost. ``estimated`` is True when we derived it from the catalog, not the provider's bill."""
+    """What a job cost, as the provider's metrics show it. Providers report seconds; the money layer
+    prices them (``broker.money.pricing.Catalog.settle``). ``estimated`` is True unless the figures are
+    the provider's own bill."""
 
+    #: seconds the provider bills for this job by its own rules (run, plus idle tail or setup it bills)
     billed_seconds: float = 0.0
-    cost_usd: float = 0.0
+    #: dollars, only when the provider states them (None: price ``billed_seconds`` from the catalog)
+    cost_usd: float | None = None
     estimated: bool = True
     hardware: str | None = None
     queue_seconds: float | None = None
     run_seconds: float | None = None
+    #: worker start-up this job may have paid for on top of ``billed_seconds``, as far as the metrics
+    #: bound it (RunPod hides it inside delayTime); the money layer caps it at the catalog's cold start
+    cold_start_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,9 +109,17 @@ class HealthReport:
     #: provider-specific numbers (workers idle/running, jobs in queue, ...)
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.detail = scrub(self.detail)  # often an upstream's own words, which may echo our headers
+
 
 #: poll intervals: quick at first (short jobs finish fast), then back off to spare rate limits
 POLL_SCHEDULE = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+#: how long one ``Job.cancel()`` keeps asking a provider that refuses (429/5xx/timeout) before it
+#: hands the job back unconfirmed (the caller keeps it ``cancelling`` and asks again later)
+CANCEL_PATIENCE_S = 10.0
+#: longest wait between two cancel requests (a Retry-After above it is still honoured)
+CANCEL_BACKOFF_MAX_S = 5.0
 
 
 class Job(ABC):
@@ -111,15 +127,21 @@ class Job(ABC):
 
     poll_schedule: Sequence[float] = POLL_SCHEDULE
 
-    def __init__(self, provider: str, job_id: str, request: Request) -> None:
+    def __init__(self, provider: str, job_id: str, request: Request | None) -> None:
         self.provider = provider
         self.id = job_id
-        self.request = request
+        #: None on a job re-attached by id (``Provider.attach``): only its provider knows what it was
+        self.request: Request | None = request
         self.timestamps: dict[str, float] = {JobState.QUEUED.value: time.time()}
         self.billing: Billing | None = None
         self.error: BrokerError | None = None
         self.output: Output | None = None
         self._state = JobState.QUEUED
+        #: a cancel was asked for and the provider has not confirmed the job stopped
+        self.cancel_pending = False
+        #: wall-clock time after which the provider ends the job itself whatever we do (RunPod's ttl);
+        #: None when the provider sets no such bound
+        self.expires_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.provider}:{self.id} {self._state.value}>"
@@ -129,7 +151,8 @@ class Job(ABC):
         return self._state
 
     def _set_state(self, state: JobState) -> None:
-        if self._state.terminal or state == self._state:
+        # A state we set while giving up on the job (cancel unconfirmed) yields to the provider's later word.
+        if state == self._state or (self._state.terminal and not self.cancel_pending):
             return
         self._state = state
         self.timestamps.setdefault(state.value, time.time())
@@ -148,8 +171,10 @@ class Job(ABC):
         """Ask the provider once; update state via ``_set_state``/``_succeed``/``_fail``."""
 
     @abstractmethod
-    async def _cancel(self) -> None:
-        """Tell the provider to stop the job (best effort)."""
+    async def _cancel(self) -> bool | None:
+        """Ask the provider once to stop the job. Return True (or None) when the provider confirmed it
+        is stopped or finished, False when it accepted the request but the job has not stopped yet;
+        raise a ``BrokerError`` when the request itself failed (429, 5xx, timeout): ``cancel`` asks again."""
 
     # -- the lifecycle -------------------------------------------------------------
     async def poll(self) -> JobState:
@@ -192,17 +217,39 @@ class Job(ABC):
         out = await self.result()
         if not isinstance(out, Audio):
             raise TypeError("only speech jobs stream audio")
-        yield AudioChunk(out, 0, final=True, text=out.text if out.text is not None else self.request.text)
+        yield AudioChunk(out, 0, final=True, text=out.text if out.text is not None else _text_of(self.request))
 
-    async def cancel(self) -> None:
-        """Idempotent: cancelling a finished job does nothing."""
-        if self._state.terminal:
-            return
-        try:
-            await self._cancel()
-        finally:
-            if not self._state.terminal:
-                self._fail(JobCancelled(f"job {self.id} cancelled"), JobState.CANCELLED)
+    async def cancel(self, *, patience_s: float | None = None) -> bool:
+        """Stop the job; True once the provider confirmed it (or it had finished anyway).
+
+        Idempotent. A refused request (429 with Retry-After, 5xx, timeout) is asked again, for at most
+        ``patience_s`` (default ``CANCEL_PATIENCE_S``). Unconfirmed, it returns False with the job still
+        in its last known state and ``cancel_pending`` set: the caller keeps it ``cancelling`` in the
+        ledger and calls ``cancel`` again later. Past ``expires_at`` the provider has ended it itself."""
+        if self._state.terminal and not self.cancel_pending:
+            return True
+        self.cancel_pending = True
+        give_up = time.monotonic() + (CANCEL_PATIENCE_S if patience_s is None else patience_s)
+        delay = 0.1
+        while True:
+            wait = delay
+            try:
+                confirmed = await self._cancel() is not False
+            except BrokerError as exc:
+                confirmed = False
+                retry_after = getattr(exc, "retry_after", None)
+                wait = max(delay, retry_after or 0.0)
+            # Only the provider's answer (or its own ttl) ends this: a state we set locally confirms nothing.
+            if confirmed or (self.expires_at is not None and time.time() >= self.expires_at):
+                break
+            if time.monotonic() + wait > give_up:
+                return False
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, CANCEL_BACKOFF_MAX_S)
+        self.cancel_pending = False
+        if not self._state.terminal:
+            self._fail(JobCancelled(f"job {self.id} cancelled"), JobState.CANCELLED)
+        return True
 
     def seconds_in(self, state: JobState) -> float | None:
         """Time spent queued (or running), from the recorded transitions."""
@@ -241,11 +288,12 @@ class BackgroundJob(Job):
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
         return self._state
 
-    async def _cancel(self) -> None:
+    async def _cancel(self) -> bool | None:
         task = self._task
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        return True
 
 
 class Provider(ABC):
@@ -269,6 +317,11 @@ class Provider(ABC):
 
     async def health(self) -> HealthReport:
         return HealthReport(ok=True, detail="no health probe")
+
+    def attach(self, job_id: str) -> Job | None:
+        """A handle on a job this endpoint accepted earlier, perhaps in a process that died: enough to
+        poll, cancel and bill it (``broker reconcile``). None when jobs cannot be looked up by id."""
+        return None
 
     def quote(self, request: Request) -> Any:
         """Expected $ and seconds for ``request`` (a ``broker.types.Quote``), from the price catalog."""
@@ -365,3 +418,8 @@ class Provider(ABC):
 
     def close(self) -> None:
         run_sync(self.aclose())
+
+
+def _text_of(request: Request | None) -> str | None:
+    """The text a job speaks (None for a job re-attached by id, whose request is not known)."""
+    return getattr(request, "text", None)

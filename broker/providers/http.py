@@ -26,6 +26,7 @@ from broker.errors import (
     AuthenticationFailed,
     BrokerError,
     ConfigurationError,
+    InvalidRequest,
     JobFailed,
     JobLost,
     NotConfigured,
@@ -102,6 +103,9 @@ def error_for_response(response: httpx.Response, body: bytes, provider: str) -> 
             typed.status_code = status
             typed.retry_after = retry_after
         return typed
+    if status in (400, 422):
+        # The worker refused the request as such (not a broker worker's typed error, but the same meaning).
+        return InvalidRequest("input", f"{provider} refused the job (HTTP {status}){suffix}")
     if status == 404:
         return ProviderUnavailable(f"{where} not found (HTTP 404): is the worker served at this URL?",
                                    provider=provider, retryable=False, status_code=status)
@@ -323,6 +327,13 @@ class HTTPJob(BackgroundJob):
     def _charge(self, metrics: dict[str, Any]) -> None:
         self.billing = self._bill(time.monotonic() - self._started, metrics)
 
+    async def _cancel(self) -> bool:
+        # Closing the connection is the worker's "stop": confirmed once the request task has unwound.
+        await super()._cancel()
+        if self.billing is None:
+            self._charge({})
+        return True
+
     async def stream(self) -> AsyncIterator[AudioChunk]:
         if self._chunks is None:
             async for chunk in super().stream():
@@ -426,14 +437,9 @@ class HTTPProvider(Provider):
         return provider
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
-        """Your own machine: the hourly rate you gave, else the catalog's row for its hardware."""
-        from broker.money.pricing import cost_for
-
+        """Your own machine: the hourly rate you gave states the cost; else the money layer prices the seconds."""
         hardware = self.capabilities.hardware
-        if self.usd_per_hour is not None:
-            cost = wall_seconds * self.usd_per_hour / 3600.0
-        else:
-            cost = cost_for(self.kind, hardware, wall_seconds)
+        cost = wall_seconds * self.usd_per_hour / 3600.0 if self.usd_per_hour is not None else None
         run_s = metrics.get("run_s")
         return Billing(
             billed_seconds=wall_seconds,

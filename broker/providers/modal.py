@@ -13,7 +13,7 @@ auth token (``Modal-Key`` / ``Modal-Secret``) and follows the 303 Modal sends af
 
 Billing: Modal bills each second a container runs. We estimate the job's share as the wall time from
 spawn to result (it includes a cold start when one happened; it leaves out the idle
-``scaledown_window`` tail, which is shared by every job of a burst) priced by ``cost_for``.
+``scaledown_window`` tail, which is shared by every job of a burst), priced by the money layer.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class ModalJob(Job):
     #: polls in a row that may go unanswered before the job counts as lost with an unreachable Modal
     max_missed_polls = 3
 
-    def __init__(self, provider: ModalProvider, calls: ModalCalls, call_id: str, request: Request) -> None:
+    def __init__(self, provider: ModalProvider, calls: ModalCalls, call_id: str, request: Request | None) -> None:
         super().__init__(provider.name, call_id, request)
         self._provider = provider
         self._calls = calls
@@ -245,9 +245,16 @@ class ModalJob(Job):
         except BrokerError as exc:
             self._fail(exc)
 
-    async def _cancel(self) -> None:
-        with contextlib.suppress(BrokerError):
+    async def _cancel(self) -> bool:
+        """``FunctionCall.cancel`` terminates the call once Modal accepts it; a refusal or an unreachable
+        Modal raises, and ``Job.cancel`` asks again. A call Modal no longer knows cannot run."""
+        try:
             await self._provider.rpc(self._calls.cancel(self.id), "cancel")
+        except JobLost:
+            pass
+        if self.billing is None:
+            self.billing = self._provider.bill(time.monotonic() - self._started, {})
+        return True
 
 
 class ModalStreamJob(BackgroundJob):
@@ -414,15 +421,13 @@ class ModalProvider(Provider):
             raise ProviderUnavailable(f"Modal did not answer {what} within {limit:g} s", provider=self.name) from None
 
     def bill(self, wall_seconds: float, metrics: dict[str, Any]) -> Billing:
-        from broker.money.pricing import cost_for
-
+        """Seconds the container ran for this job (the money layer prices them)."""
         hardware = self.capabilities.hardware
         run_s = metrics.get("run_s")
         run = float(run_s) if isinstance(run_s, int | float) else None
         billed = max(wall_seconds, run or 0.0)
         return Billing(
             billed_seconds=billed,
-            cost_usd=cost_for(self.kind, hardware, billed),
             estimated=True,
             hardware=hardware,
             run_seconds=run,
@@ -438,6 +443,13 @@ class ModalProvider(Provider):
             return ModalStreamJob(self, calls, payload, request)
         call_id = await self.rpc(calls.spawn(RUN_METHOD, payload), "spawn")
         return ModalJob(self, calls, call_id, request)
+
+    def attach(self, job_id: str) -> Job | None:
+        """A call spawned earlier (maybe by a process that died), to poll or cancel by id (SDK path only:
+        an HTTP request ends with the connection that carried it)."""
+        if self.http is not None:
+            return None
+        return ModalJob(self, self.calls(), job_id, None)
 
     async def health(self) -> HealthReport:
         started = time.perf_counter()

@@ -40,6 +40,7 @@ from broker.errors import (
     AuthenticationFailed,
     BrokerError,
     ConfigurationError,
+    InvalidRequest,
     JobCancelled,
     JobFailed,
     JobLost,
@@ -70,7 +71,7 @@ _EXT = {"audio/flac": "flac", "audio/wav": "wav", "image/png": "png", "image/jpe
 class ReplicateJob(Job):
     """One prediction. Terminal states are applied once, with the outputs already downloaded."""
 
-    def __init__(self, provider: ReplicateProvider, request: Request, prediction: dict[str, Any],
+    def __init__(self, provider: ReplicateProvider, request: Request | None, prediction: dict[str, Any],
                  *, stream: bool) -> None:
         super().__init__(provider.name, str(prediction["id"]), request)
         self._provider = provider
@@ -88,7 +89,14 @@ class ReplicateJob(Job):
             waited = time.time() - self.timestamps[JobState.QUEUED.value]
             timeout = self._provider.queue_timeout_s
             if timeout is not None and waited > timeout:
-                await self._cancel()
+                # Refused now, the cancel stays pending: whoever holds the job asks again (Job.cancel).
+                try:
+                    self.cancel_pending = not await self._cancel()
+                except BrokerError as exc:
+                    log.info("cancel of replicate prediction %s refused for now: %s", self.id, exc.message)
+                    self.cancel_pending = True
+                if self.state.terminal:
+                    return
                 self._fail(ProviderUnavailable(
                     f"prediction {self.id} still starting after {waited:.0f}s (no worker came up)",
                     provider=self.provider, job_id=self.id))
@@ -116,6 +124,11 @@ class ReplicateJob(Job):
             return
         self._succeed(out)
 
+    def _set_state(self, state: JobState) -> None:
+        super()._set_state(state)
+        if state.terminal and getattr(self, "prediction", {}).get("status") in ("succeeded", "failed", "canceled"):
+            self.cancel_pending = False  # Replicate says it is over, whatever we asked
+
     async def _decode(self, output: Any) -> Audio | Video:
         items = output if isinstance(output, list) else [output]
         if not items or items == [None]:
@@ -128,11 +141,19 @@ class ReplicateJob(Job):
             self._chunks.append(AudioChunk(audio, index, final=final, text=text))
         return Audio.concat([c.audio for c in self._chunks])
 
-    async def _cancel(self) -> None:
+    async def _cancel(self) -> bool:
+        """One cancel request; True once Replicate shows the prediction ended (429/5xx raise: asked again)."""
         try:
-            await self._provider._request("POST", f"/predictions/{self.id}/cancel", what="cancel")
-        except BrokerError as exc:  # best effort: the job is abandoned either way
-            log.info("cancel of replicate prediction %s failed: %s", self.id, exc.message)
+            prediction = await self._provider._request("POST", f"/predictions/{self.id}/cancel", what="cancel")
+        except ProviderError as exc:
+            if exc.status_code == 404:
+                return True  # gone: it cannot run
+            raise
+        if prediction.get("status") not in ("succeeded", "failed", "canceled"):
+            return False
+        self.prediction = prediction
+        self.billing = self._provider.bill(prediction)
+        return True
 
     async def stream(self) -> AsyncIterator[AudioChunk]:
         if not self._streaming:
@@ -327,18 +348,20 @@ class ReplicateProvider(Provider):
         if client is not None and self._client_loop is asyncio.get_running_loop():
             await client.aclose()
 
-    def bill(self, prediction: dict[str, Any]) -> Billing:
-        """Seconds and dollars for a finished prediction, from its metrics and timestamps (an estimate)."""
-        from broker.money.pricing import cost_for
+    def attach(self, job_id: str) -> ReplicateJob:
+        """A prediction created earlier (maybe by a process that died), to poll, cancel and bill by id."""
+        return ReplicateJob(self, None, {"id": job_id, "status": "starting"}, stream=False)
 
+    def bill(self, prediction: dict[str, Any]) -> Billing:
+        """Seconds a finished prediction bills, from its metrics and timestamps (priced by the money layer)."""
         metrics = prediction.get("metrics") or {}
         predict_s = float(metrics.get("predict_time") or 0.0)
         created, started = _ts(prediction.get("created_at")), _ts(prediction.get("started_at"))
         setup_s = max(0.0, started - created) if created is not None and started is not None else 0.0
         billed = predict_s + (setup_s + self.idle_billed_s if self.private else 0.0)
         hardware = self.capabilities.hardware
-        return Billing(billed_seconds=billed, cost_usd=cost_for(self.kind, hardware, billed), estimated=True,
-                       hardware=hardware, queue_seconds=setup_s, run_seconds=predict_s)
+        return Billing(billed_seconds=billed, estimated=True, hardware=hardware, queue_seconds=setup_s,
+                       run_seconds=predict_s)
 
     # -- HTTP ------------------------------------------------------------------------
     def _http(self) -> httpx.AsyncClient:
@@ -475,6 +498,9 @@ def http_error(resp: httpx.Response, what: str) -> BrokerError:
     if status == 404:
         return ProviderUnavailable(message + " (is it deployed? `broker deploy replicate`)", provider=NAME,
                                    status_code=status, retryable=False)
+    if status == 422 and what.startswith("create a prediction"):
+        # Cog validated the input against the model's schema and refused it: so would any other provider.
+        return InvalidRequest("input", message)
     if status in (400, 409, 422):
         return JobFailed(message, provider=NAME, status_code=status, retryable=False)
     return ProviderUnavailable(message, provider=NAME, status_code=status)

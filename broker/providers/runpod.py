@@ -81,6 +81,7 @@ class RunPodProvider(Provider):
         ttl_s: float | None = None,
         use_runsync: bool = False,
         runsync_max_s: float = 20.0,
+        idle_timeout_s: float = 5.0,
         limits: Limits = DEFAULT_LIMITS,
         uploader: Uploader | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -102,6 +103,8 @@ class RunPodProvider(Provider):
         self.ttl_s = ttl_s
         self.use_runsync = use_runsync
         self.runsync_max_s = runsync_max_s
+        #: the endpoint's idle timeout: RunPod bills each worker this long after its last job
+        self.idle_timeout_s = idle_timeout_s
         self.limits = limits
         self.uploader = uploader
         self.capabilities = Capabilities.broker_worker(
@@ -140,6 +143,7 @@ class RunPodProvider(Provider):
             "ttl_s": rp.ttl_s,
             "use_runsync": rp.use_runsync,
             "runsync_max_s": rp.runsync_max_s,
+            "idle_timeout_s": float(rp.idle_timeout_s),
             "limits": settings.limits,
             "name": name,
         }
@@ -214,6 +218,9 @@ class RunPodProvider(Provider):
         if code >= 500:
             raise ProviderUnavailable(f"RunPod failed on {where} (HTTP {code})", provider=self.name,
                                       status_code=code, job_id=job_id)
+        if code in (400, 422) and job_id is None:
+            # RunPod refused the job we submitted as such: no endpoint would take it either.
+            raise InvalidRequest("input", f"RunPod refused the job (HTTP {code}): {_snippet(resp)}")
         if code >= 400:
             raise ProviderError(f"RunPod rejected {where} (HTTP {code}): {_snippet(resp)}", provider=self.name,
                                 retryable=False, status_code=code, job_id=job_id)
@@ -279,6 +286,7 @@ class RunPodProvider(Provider):
         if not isinstance(job_id, str) or not job_id:
             raise BadOutput("RunPod accepted the job but returned no job id", provider=self.name)
         job = RunPodJob(self, request, job_id, streaming)
+        job.expires_at = time.time() + self.policy()["ttl"] / 1000  # RunPod ends it by then, whatever we do
         job.apply(reply)
         return job
 
@@ -304,24 +312,31 @@ class RunPodProvider(Provider):
         return data
 
     def bill(self, status: dict[str, Any]) -> Billing | None:
-        """Estimated from executionTime: a lower bound. RunPod bills the worker from start to stop, so a
-        cold start (hidden inside delayTime, with queueing) and the idle tail are billed too, but one job's
-        status cannot say how much of them was its own."""
+        """The seconds RunPod bills for a job, from its /status timings.
+
+        RunPod bills a worker "from when it starts until it fully stops": start-up, execution and the
+        idle timeout (docs.runpod.io/pricing/serverless, read 2026-12-01). A job that ran pays its
+        executionTime plus the endpoint's idle timeout; the start-up it may have woken is inside
+        delayTime (with any queueing), so delayTime is reported as the bound on it and the money layer
+        caps it at the catalog's cold start. A job that never started (no delayTime) bills nothing."""
         exec_ms = status.get("executionTime")
         delay_ms = status.get("delayTime")
-        if not isinstance(exec_ms, int | float) and not isinstance(delay_ms, int | float):
+        if not isinstance(delay_ms, int | float):
             return None
-        from broker.money.pricing import cost_for
-
         run_s = float(exec_ms) / 1000 if isinstance(exec_ms, int | float) else 0.0
+        delay_s = float(delay_ms) / 1000
         return Billing(
-            billed_seconds=run_s,
-            cost_usd=cost_for(self.kind, self.hardware, run_s),
+            billed_seconds=run_s + self.idle_timeout_s,
             estimated=True,
             hardware=self.hardware,
-            queue_seconds=float(delay_ms) / 1000 if isinstance(delay_ms, int | float) else None,
+            queue_seconds=delay_s,
             run_seconds=run_s,
+            cold_start_seconds=delay_s,
         )
+
+    def attach(self, job_id: str) -> RunPodJob:
+        """A job accepted earlier (maybe by a process that died), to poll, cancel and bill by id."""
+        return RunPodJob(self, None, job_id, False)
 
     async def health(self) -> HealthReport:
         started = time.perf_counter()

@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 _MAX_STATUS_ERRORS = 5
 #: longest we sleep on one 429 from /status or /stream before asking again
 _MAX_BACKOFF_S = 10.0
+_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 
 
 class RunPodJob(Job):
     """A job on RunPod: ``_refresh`` reads ``/status``; ``stream`` reads ``/stream``."""
 
-    def __init__(self, provider: RunPodProvider, request: Request, job_id: str, streaming: bool) -> None:
+    def __init__(self, provider: RunPodProvider, request: Request | None, job_id: str, streaming: bool) -> None:
         super().__init__(provider.name, job_id, request)
         self._p = provider
         self.streaming = streaming
@@ -61,10 +62,16 @@ class RunPodJob(Job):
             if data.get("output") is not None:
                 self.progress = data["output"]
             return
-        if status not in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"):
+        if status not in _TERMINAL:
             return  # IN_QUEUE, or a word we do not know yet: keep polling
         self._backfill_running(data)
         self.billing = self._p.bill(data) or self.billing
+        try:
+            self._apply_end(status, data)
+        finally:
+            self.cancel_pending = False  # whatever we asked, RunPod says it is over
+
+    def _apply_end(self, status: str, data: dict[str, Any]) -> None:
         if status == "COMPLETED":
             try:
                 self._succeed(decode_output(data.get("output"), provider=self.provider))
@@ -78,14 +85,28 @@ class RunPodJob(Job):
             else:
                 self._fail(JobFailed(f"job {self.id} was cancelled on RunPod's side", provider=self.provider,
                                      job_id=self.id), JobState.CANCELLED)
-        elif "executionTime" in data or self.state == JobState.RUNNING:
+        elif ("executionTime" in data or self.state == JobState.RUNNING) and not self._ttl_expired(data):
             self._fail(ProviderTimeout(
                 f"job {self.id} ran past its execution timeout ({self._p.execution_timeout_s:g} s) and RunPod "
                 "stopped it", provider=self.provider, job_id=self.id))
+        elif "executionTime" in data or self.state == JobState.RUNNING:
+            self._fail(ProviderTimeout(
+                f"job {self.id} expired mid-run: it outlived its ttl ({self._ttl_s():g} s, queue and run time "
+                "together), not its execution timeout (TIMED_OUT)", provider=self.provider, job_id=self.id))
         else:
             self._fail(ProviderUnavailable(
-                f"job {self.id} expired in RunPod's queue before a worker took it (TIMED_OUT)",
-                provider=self.provider, job_id=self.id))
+                f"job {self.id} expired in RunPod's queue: its ttl ({self._ttl_s():g} s) passed before a worker "
+                "took it (TIMED_OUT)", provider=self.provider, job_id=self.id))
+
+    def _ttl_s(self) -> float:
+        return self._p.policy()["ttl"] / 1000
+
+    def _ttl_expired(self, data: dict[str, Any]) -> bool:
+        """TIMED_OUT says not which limit was hit: the run time tells (short of executionTimeout = the ttl)."""
+        exec_ms = data.get("executionTime")
+        if not isinstance(exec_ms, int | float):
+            return False
+        return float(exec_ms) / 1000 < self._p.policy()["executionTimeout"] / 1000 * 0.95
 
     def _backfill_running(self, data: dict[str, Any]) -> None:
         # A job that went from queued to done between two polls still spent delayTime queued.
@@ -119,18 +140,36 @@ class RunPodJob(Job):
         if waited <= limit:
             return
         # Nobody picked it up in time: take it back so it cannot start (and bill) after we moved on.
-        await self._cancel()
-        self._fail(ProviderUnavailable(
-            f"job {self.id} waited {waited:.0f} s in RunPod's queue (limit {limit:g} s); cancelled it",
-            provider=self.provider, job_id=self.id), JobState.CANCELLED)
+        # If RunPod refuses the cancel now, the job still fails over but stays ``cancel_pending``:
+        # whoever holds it keeps asking (``Job.cancel``) until RunPod confirms or the ttl passes.
+        confirmed = False
+        try:
+            confirmed = await self._cancel()
+        except BrokerError as exc:
+            log.warning("could not cancel RunPod job %s yet: %s", self.id, exc.message)
+        if self.remote_status in ("COMPLETED", "FAILED", "TIMED_OUT"):
+            return  # it started and ended meanwhile; apply() recorded how
+        self.cancel_pending = not confirmed
+        self.error = ProviderUnavailable(
+            f"job {self.id} waited {waited:.0f} s in RunPod's queue (limit {limit:g} s); "
+            + ("cancelled it" if confirmed else "its cancel is not confirmed yet"),
+            provider=self.provider, job_id=self.id)
+        self._set_state(JobState.CANCELLED)
 
-    async def _cancel(self) -> None:
+    async def _cancel(self) -> bool:
+        """One /cancel; True once RunPod reports the job ended (then /status has its timings and bill)."""
         self._cancel_requested = True
         try:
-            await self._p.call("POST", f"cancel/{self.id}", job_id=self.id)
-        except BrokerError as exc:
-            # Best effort: the ttl we sent bounds how long an uncancelled job can live.
-            log.warning("could not cancel RunPod job %s: %s", self.id, exc.message)
+            reply = await self._p.call("POST", f"cancel/{self.id}", job_id=self.id)
+        except JobLost:
+            return True  # RunPod no longer knows it: expired or purged, it cannot run
+        if str(reply.get("status", "")) not in _TERMINAL:
+            return False
+        try:
+            self.apply(await self._p.call("GET", f"status/{self.id}", job_id=self.id))
+        except BrokerError:
+            self.apply(reply)
+        return True
 
     # -- streaming -----------------------------------------------------------------------
     async def stream(self) -> AsyncIterator[AudioChunk]:
@@ -172,7 +211,7 @@ class RunPodJob(Job):
             raise self.error
         if received == 0 and isinstance(self.output, Audio):
             # A plain (non-generator) handler streams nothing; its whole result is the one chunk.
-            yield AudioChunk(self.output, 0, final=True, text=self.request.text)
+            yield AudioChunk(self.output, 0, final=True, text=getattr(self.request, "text", None))
 
 
 # -- output and error decoding ----------------------------------------------------------

@@ -1,9 +1,12 @@
 """One provider's turn at one job: reserve, submit, watch the phases, validate, settle, record.
 
 ``ProviderRun.run`` makes the first try and any same-provider retries (tenacity, by error class);
-each try is one ``Attempt`` in the job's report and one row in the ledger. Whatever happens —
-success, failure, our own cancellation — a provider job that is not finished is cancelled before
-the try ends, and the breaker, the latency tracker, the ledger and the report all hear about it.
+each try is one ``Attempt`` in the job's report and one row in the ledger. A provider that can bill
+gets its row before it is called, and the row gets the provider's job id before we wait on the job
+(write-ahead). Whatever happens — success, failure, our own cancellation — a provider job that is not
+finished is cancelled before the try ends; if the provider will not confirm the cancel yet, the row
+stays ``cancelling`` (its reservation held) and the manager's ``Reconciler`` keeps asking. The
+breaker, the latency tracker, the ledger and the report all hear about it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from broker.providers.base import Job, JobState, Provider
 from broker.routing.context import RoutedJob, Router
 from broker.routing.health import Permit
 from broker.routing.policy import Candidate
+from broker.routing.reconcile import bill_of
 from broker.routing.retry import Action, as_broker_error, classify, counts_against_provider, same_provider_retrying
 from broker.routing.validate import check_audio, check_output
 from broker.types import Attempt
@@ -103,7 +107,7 @@ class ProviderRun:
             reservation = await m.accountant.open(
                 j.id, self.name, quote_usd=self.quote.expected_usd, hardware=self.provider.capabilities.hardware,
                 task=j.request.task, expires_at=time.time() + j.remaining() + 300.0, hedge=self.hedge,
-                max_usd=j.max_usd,
+                max_usd=j.max_usd, billable=self.billable, wait_until=j.deadline,
             )
         except BudgetExceeded as exc:
             health.breaker.release(permit)
@@ -115,6 +119,15 @@ class ProviderRun:
             raise
         self.reserved_usd += reservation.usd
         return await self._dispatch(reservation, permit)
+
+    @property
+    def billable(self) -> bool:
+        """Can this provider bill for the job (a price above zero, or no price known)?"""
+        q = self.quote
+        if q.expected_usd > 0 or "unpriced" in q.breakdown:
+            return True
+        row = self.manager.catalog.price(self.provider.kind, self.provider.capabilities.hardware)
+        return row is None or row.usd_per_second > 0
 
     async def _probe(self, permit: Permit) -> None:
         """Before risking a real job on a half-open provider, ask its own health probe (when it has one)."""
@@ -143,6 +156,7 @@ class ProviderRun:
                 raise ProviderTimeout(f"{self.name}: submit did not return before the deadline",
                                       provider=self.name) from None
             self.current = job
+            await m.accountant.started(reservation, job.id)  # write-ahead: on disk before we wait on it
             out = await self._watch(job, t0, reservation)
             if m.settings.manager.validate_output:
                 check_output(j.request, out, provider=self.name)
@@ -165,7 +179,6 @@ class ProviderRun:
         ms = m.settings.manager
         queue_limit = self.provider.queue_timeout_s or ms.queue_timeout_s
         queue_deadline = t0 + queue_limit
-        cost_deadline = t0 + self._affordable_seconds(reservation) if reservation.capped else float("inf")
         run_limit = (max(ms.min_run_timeout_s, ms.run_timeout_factor * self.quote.expected_seconds)
                      if ms.run_timeout_factor is not None else float("inf"))
         if not job.state.terminal:
@@ -173,10 +186,14 @@ class ProviderRun:
             try:
                 while not waiter.done():
                     now = time.monotonic()
+                    # What was reserved pays for running, not for waiting in a queue (which bills nothing).
+                    cost_deadline = (self._running_since(job) + self._affordable_seconds(reservation, job)
+                                     if reservation.capped and job.state != JobState.QUEUED else float("inf"))
                     if job.state == JobState.QUEUED:
-                        # Look again now and then: the run limit starts when the job does.
-                        next_check = min(j.deadline, cost_deadline, queue_deadline,
-                                         now + max(0.05, min(run_limit, queue_limit) / 4))
+                        # Look again now and then: the run limit and the cost limit start when the job does.
+                        affordable = self._affordable_seconds(reservation, job) if reservation.capped else run_limit
+                        next_check = min(j.deadline, queue_deadline,
+                                         now + max(0.05, min(run_limit, queue_limit, affordable) / 4))
                     else:
                         next_check = min(j.deadline, cost_deadline, self._running_since(job) + run_limit)
                     await asyncio.wait({waiter}, timeout=max(0.0, next_check - now))
@@ -220,51 +237,44 @@ class ProviderRun:
             return time.monotonic()
         return time.monotonic() - max(0.0, time.time() - started)
 
-    def _affordable_seconds(self, reservation: Reservation) -> float:
+    def _affordable_seconds(self, reservation: Reservation, job: Job) -> float:
+        """Running seconds the reservation pays for, after the idle tail and the cold start it waited on."""
         row = self.manager.catalog.price(self.provider.kind, self.provider.capabilities.hardware)
         if row is None or row.usd_per_second <= 0:
             return float("inf")
         idle = row.idle_s if row.bills_idle else 0.0
-        return max(0.0, reservation.usd / row.usd_per_second - idle)
+        queued = job.seconds_in(JobState.QUEUED) or 0.0
+        cold = min(queued, row.cold_start_s) if row.bills_cold_start else 0.0
+        return max(0.0, reservation.usd / row.usd_per_second - idle - cold)
 
     async def _cancel_if_running(self, job: Job | None) -> None:
-        if job is None or job.state.terminal:
+        """Cancel an unfinished job; one whose cancel is unconfirmed keeps ``cancel_pending`` (see ``_close``)."""
+        if job is None or (job.state.terminal and not job.cancel_pending):
             return
         try:
-            await asyncio.shield(job.cancel())
+            await asyncio.shield(job.cancel(patience_s=self.manager.settings.manager.cancel_patience_s))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the cancel call failed; the job is still marked cancelled here
+        except Exception as exc:  # a bug in the adapter's cancel: keep the job pending, never "done"
+            job.cancel_pending = True
             self.manager.health_board[self.name].last_error = f"cancel failed: {exc}"
-
-    def _billing(self, job: Job | None) -> tuple[float | None, float, bool]:
-        """(billed seconds, dollars, estimated?) — the provider's bill when it gave one, else the catalog's."""
-        if job is None:
-            return None, 0.0, True
-        hw = self.provider.capabilities.hardware
-        b = job.billing
-        if b is not None:
-            cost = b.cost_usd
-            if cost == 0 and b.estimated and b.billed_seconds > 0:
-                cost = self.manager.catalog.cost(self.provider.kind, hw, b.billed_seconds)
-            return b.billed_seconds, cost, b.estimated
-        ran = job.seconds_in(JobState.RUNNING)
-        if ran is None and "running" in job.timestamps:
-            ran = time.time() - job.timestamps["running"]
-        if not ran:
-            return 0.0, 0.0, True
-        return ran, self.manager.catalog.cost(self.provider.kind, hw, ran), True
 
     def _close(self, reservation: Reservation, job: Job | None, outcome: str, error: BrokerError | None,
                started_wall: float, t0: float, permit: Permit) -> None:
         m, j = self.manager, self.job
         ended = time.time()
-        billed, cost, estimated = self._billing(job)
-        m.accountant.settle(
-            reservation, outcome, provider_job_id=job.id if job else None, billed_seconds=billed, cost_usd=cost,
-            cost_estimated=estimated, error_class=type(error).__name__ if error else None,
-            message=error.message if error else None, ended_at=ended,
-        )
+        bill = bill_of(m.catalog, self.provider, job)
+        billed, cost, estimated = bill.billed_seconds, bill.cost_usd, bill.estimated
+        if job is not None and job.cancel_pending:
+            # Abandoned, and the provider has not confirmed it stopped: the row stays open (``cancelling``,
+            # reservation held) until the reconciler gets the confirmation and the final bill.
+            m.reconciler.adopt(self.provider, job, reservation,
+                               message=f"{outcome}: {error.message}" if error else outcome)
+        else:
+            m.accountant.settle(
+                reservation, outcome, provider_job_id=job.id if job else None, error_class=type(error).__name__
+                if error else None, message=error.message if error else None, ended_at=ended, **bill.fields(),
+            )
         j.record(Attempt(
             provider=self.name, outcome=outcome, provider_job_id=job.id if job else None,  # type: ignore[arg-type]
             error_class=type(error).__name__ if error else None, message=error.message if error else None,
@@ -297,7 +307,8 @@ class ProviderRun:
         try:
             reservation = await m.accountant.open(
                 j.id, self.name, quote_usd=self.quote.expected_usd, hardware=self.provider.capabilities.hardware,
-                task=j.request.task, expires_at=time.time() + j.remaining() + 300.0, max_usd=j.max_usd)
+                task=j.request.task, expires_at=time.time() + j.remaining() + 300.0, max_usd=j.max_usd,
+                billable=self.billable, wait_until=j.deadline)
         except BudgetExceeded as exc:
             health.breaker.release(permit)
             j.record(Attempt(provider=self.name, outcome="skipped", error_class="BudgetExceeded",
@@ -311,6 +322,7 @@ class ProviderRun:
             async with asyncio.timeout(max(0.0, j.deadline - t0)):
                 job = await self.provider.submit(j.request, stream=True)
             self.current = job
+            await m.accountant.started(reservation, job.id)  # write-ahead: on disk before we wait on it
             chunks = aiter(job.stream())
             while True:
                 # The deadline bounds each wait for the provider, never our consumer's pace (no yield

@@ -13,6 +13,7 @@ from broker.money.budget import Accountant
 from broker.money.pricing import Catalog
 from broker.providers.base import Request
 from broker.routing.health import HealthBoard
+from broker.routing.reconcile import Reconciler
 from broker.routing.retry import RetryRules
 from broker.settings import Settings
 from broker.types import Attempt, JobReport
@@ -24,6 +25,7 @@ class Router(Protocol):
     accountant: Accountant
     health_board: HealthBoard
     retry_rules: RetryRules
+    reconciler: Reconciler
 
 
 class RoutedJob(Protocol):

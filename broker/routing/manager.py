@@ -30,7 +30,8 @@ from broker.providers import endpoints
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.routing.attempt import ProviderRun
 from broker.routing.health import BreakerConfig, HealthBoard
-from broker.routing.policy import Candidate, DropOverBudget, Policy, RankContext, Ranking, as_policy
+from broker.routing.policy import Candidate, DropOverBudget, DropUnpriced, Policy, RankContext, Ranking, as_policy
+from broker.routing.reconcile import Reconciler
 from broker.routing.retry import Action, RetryRules, classify
 from broker.settings import Settings
 from broker.store import LedgerStore, SharedHealth, open_shared_health, open_store
@@ -40,10 +41,14 @@ log = logging.getLogger("broker.routing.manager")
 
 Output = Audio | Video
 _ROUTING_OPTIONS = ("deadline_s", "max_usd", "policy")
+#: how long closing the manager waits for abandoned jobs' cancels to be confirmed
+ABANDONED_CANCEL_WAIT_S = 15.0
 
 
 class ManagedJob(Job):
     """The manager's job: walks the ranked providers in a background task (or, streaming, as chunks are read)."""
+
+    request: Request
 
     def __init__(self, manager: CloudGPUManager, request: Request, stream: bool, *,
                  deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None,
@@ -361,6 +366,13 @@ class CloudGPUManager(Provider):
                                       ms.backoff_jitter_s, ms.failover_after_s)
         self.last_report: JobReport | None = None
         self._over_cap = DropOverBudget()
+        #: keeps cancelling abandoned jobs until confirmed, and settles dead processes' attempts
+        # A shared store's owners beat every few seconds: a silent one is dead after owner_timeout_s, and
+        # every process sweeps for such rows as jobs arrive (whoever notices first settles them).
+        shared = self.ledger.remote
+        self.reconciler = Reconciler(self.accountant, self.catalog, lambda: self.all_providers,
+                                     **({"stale_s": self.settings.ledger.owner_timeout_s,
+                                         "sweep_every_s": self.settings.ledger.heartbeat_s} if shared else {}))
 
     @property
     def all_providers(self) -> list[Provider]:
@@ -405,6 +417,9 @@ class CloudGPUManager(Provider):
                 continue
             candidates.append(Candidate(p, self.quote_provider(p, request)))
         cap = min((v for v in (self.settings.manager.max_usd_per_job, max_usd) if v is not None), default=None)
+        if self.budget.active or max_usd is not None:  # an unknown price is not $0: no budget could hold it
+            unpriced = DropUnpriced().rank(candidates, RankContext())
+            candidates, dropped = unpriced.ordered, dropped + unpriced.dropped
         ctx = RankContext(deadline_s=deadline_s, max_usd=cap)
         chosen = as_policy(policy) if policy is not None else self.policy
         ranking = chosen.rank(self._over_cap.rank(candidates, ctx).ordered, ctx) if cap is not None \
@@ -460,6 +475,7 @@ class CloudGPUManager(Provider):
         ``prefer``: endpoint names tried first, in that order; ``avoid``: tried only after the rest
         (both soft: ranking, budgets and failover still apply; long jobs use them to spread pieces)."""
         request.check_limits(self.settings.limits)
+        self.reconciler.kick()  # settle what a dead process left open (in the background, once)
         if not any(self.supports(p, request) is None for p in self.all_providers):
             reasons = "; ".join(f"{p.name}: {self.supports(p, request)}" for p in self.all_providers)
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
@@ -549,6 +565,7 @@ class CloudGPUManager(Provider):
                             info=info)
 
     async def aclose(self) -> None:
+        await self.reconciler.drain(timeout=ABANDONED_CANCEL_WAIT_S)  # unconfirmed: next process reconciles
         await asyncio.gather(*(p.aclose() for p in self.all_providers), return_exceptions=True)
 
     def close(self) -> None:

@@ -154,6 +154,18 @@ class DropOverBudget(Step):
                               for c in candidates if c.usd > cap])
 
 
+class DropUnpriced(Step):
+    """Drop providers whose hardware has no price row: under a budget an unknown cost cannot be reserved."""
+
+    name = "priced"
+    REASON = ("no price row for its hardware, so no budget can hold it (add a row with prices_path, or set "
+              "manager.unknown_price_usd_per_hour)")
+
+    def rank(self, candidates: Sequence[Candidate], ctx: RankContext) -> Ranking:
+        return Ranking([c for c in candidates if c.priced],
+                       [(c, f"{c.quote.hardware}: {self.REASON}") for c in candidates if not c.priced])
+
+
 def _usd_key(c: Candidate) -> tuple[bool, float, float]:
     # Unpriced providers (no catalog row) go after every priced one: $0 would be a guess, not a price.
     return (not c.priced, c.usd, c.seconds)

@@ -1,6 +1,7 @@
 """What to do after each kind of failure, and the tenacity rules for trying one provider again.
 
-- ``InvalidRequest``: stop. No provider will do better, and none is called again.
+- ``InvalidRequest``, and any provider's 400/422 answer (the request itself was refused): stop. No
+  provider will do better, none is called again, and the refusal does not count against its breaker.
 - ``RateLimited``: retry the same provider after its ``Retry-After`` (exponential backoff if it gave
   none), unless that wait is long and another provider is left, then fail over at once.
 - ``ProviderUnavailable`` and transport errors (connection refused, reset, timeouts of the HTTP
@@ -32,6 +33,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from broker.errors import (
+    AuthenticationFailed,
     BrokerError,
     BudgetExceeded,
     InvalidRequest,
@@ -49,8 +51,22 @@ class Action(str, Enum):
     SKIP = "skip"
 
 
-def classify(exc: BaseException) -> Action:
+#: HTTP statuses that refuse the request itself, not the provider's state (413 is per-provider: too big
+#: for this one, so another may take it, but it says nothing about its health either)
+REQUEST_REJECTED = frozenset({400, 422})
+_NOT_ABOUT_HEALTH = REQUEST_REJECTED | {413}
+
+
+def is_request_rejection(exc: BaseException) -> bool:
+    """Was the request refused as such (so no provider can do better)?"""
     if isinstance(exc, InvalidRequest):
+        return True
+    return (isinstance(exc, ProviderError) and not isinstance(exc, AuthenticationFailed | RateLimited)
+            and exc.status_code in REQUEST_REJECTED)
+
+
+def classify(exc: BaseException) -> Action:
+    if is_request_rejection(exc):
         return Action.ABORT
     if isinstance(exc, BudgetExceeded):
         return Action.SKIP
@@ -61,7 +77,10 @@ def classify(exc: BaseException) -> Action:
 
 def counts_against_provider(exc: BaseException) -> bool:
     """Does this failure say something about the provider's health (vs. the request or our budget)?"""
-    return not isinstance(exc, InvalidRequest | BudgetExceeded)
+    if isinstance(exc, InvalidRequest | BudgetExceeded):
+        return False
+    return not (isinstance(exc, ProviderError) and exc.status_code in _NOT_ABOUT_HEALTH
+                and not isinstance(exc, AuthenticationFailed | RateLimited))
 
 
 def _is_transport_error(exc: BaseException) -> bool:

@@ -50,6 +50,18 @@ def open_store(settings_or_url: Settings | StoreURL | str, **options: Any) -> Le
     return PostgresLedger(url, **options)
 
 
+def flush_all() -> None:
+    """Write what every open ledger of this process still holds in memory (on SIGTERM, and at exit)."""
+    import sys
+
+    from broker.money.ledger import flush_all as flush_sqlite
+
+    flush_sqlite()
+    postgres = sys.modules.get("broker.store.postgres")
+    if postgres is not None:
+        postgres.flush_all()
+
+
 def open_shared_health(settings_or_url: Settings | StoreURL | str) -> SharedHealth | None:
     """Fleet-wide endpoint health on the same database as the ledger; None (in-process only) on SQLite."""
     url = store_url(settings_or_url)
@@ -65,4 +77,4 @@ def open_shared_health(settings_or_url: Settings | StoreURL | str) -> SharedHeal
 
 
 __all__ = ["BudgetFull", "HealthEvent", "LedgerBusy", "LedgerStore", "SharedHealth", "SpendLimit", "StoreURL",
-           "open_shared_health", "open_store", "redact", "store_url"]
+           "flush_all", "open_shared_health", "open_store", "redact", "store_url"]

@@ -53,7 +53,8 @@ class LedgerStore(Protocol):
     def open_attempt(self, job_id: str, provider: str, *, hardware: str | None = None, task: str | None = None,
                      reserved_usd: float = 0.0, min_reserved_usd: float | None = None,
                      expires_at: float | None = None, hedge: bool = False, limits: Sequence[SpendLimit] = (),
-                     now: float | None = None, wait: bool = True) -> tuple[int, float]:
+                     now: float | None = None, wait: bool = True,
+                     provider_job_id: str | None = None) -> tuple[int, float]:
         """Check ``limits`` and write the reservation in one transaction; (attempt id, dollars reserved).
 
         Raises ``BudgetExceeded`` (nothing written) when even ``min_reserved_usd`` does not fit, and
@@ -64,15 +65,37 @@ class LedgerStore(Protocol):
                        task: str | None = None, hedge: bool = False, reserved_usd: float = 0.0, started_at: float,
                        provider_job_id: str | None = None, billed_seconds: float | None = None,
                        cost_usd: float = 0.0, cost_estimated: bool = True, error_class: str | None = None,
-                       message: str | None = None, ended_at: float | None = None) -> None:
-        """Write a finished attempt in one go (no reservation was needed)."""
+                       message: str | None = None, ended_at: float | None = None, unpriced: bool = False) -> None:
+        """Write a finished attempt in one go (nothing could bill: no reservation was needed)."""
         ...
 
     def close_attempt(self, attempt_id: int, status: str, *, provider_job_id: str | None = None,
                       billed_seconds: float | None = None, cost_usd: float = 0.0, cost_estimated: bool = True,
                       error_class: str | None = None, message: str | None = None,
-                      ended_at: float | None = None) -> None:
-        """Settle a reserved attempt with its outcome and what it really cost."""
+                      ended_at: float | None = None, unpriced: bool = False) -> None:
+        """Settle a reserved attempt with its outcome and what it really cost (``unpriced``: no price row)."""
+        ...
+
+    def started(self, attempt_id: int, provider_job_id: str, *, wait: bool = True) -> None:
+        """Write-ahead: the provider accepted the job; its id is stored before anyone waits on it."""
+        ...
+
+    def mark_cancelling(self, attempt_id: int, *, provider_job_id: str | None, expires_at: float | None,
+                        message: str | None = None) -> None:
+        """Abandoned, cancel unconfirmed: the row stays open and keeps its reservation."""
+        ...
+
+    def orphans(self, *, stale_s: float, alive: Callable[[int], bool], now: float | None = None
+                ) -> list[dict[str, Any]]:
+        """Open attempts whose owner is gone: a dead pid on this host, or no heartbeat for ``stale_s``."""
+        ...
+
+    def claim(self, row: dict[str, Any]) -> bool:
+        """Take over an orphaned open attempt; False if another process claimed it first."""
+        ...
+
+    def heartbeat(self, now: float | None = None) -> int:
+        """Tell other processes this one still owns its open attempts; returns how many."""
         ...
 
     def flush(self) -> None: ...

@@ -28,6 +28,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
 from broker.errors import ConfigurationError
+from broker.redact import scrub
 from broker.store.base import OPEN_STATUSES, BudgetFull, LedgerBusy, SpendLimit
 from broker.store.pg_pool import open_pool
 from broker.store.url import StoreURL
@@ -37,10 +38,15 @@ _SETTLE = ("SELECT broker_settle(" + ", ".join(
     f"%s::{t}[]" for t in ("text", "text", "text", "text", "text", "text", "text", "text", "float8", "float8",
                            "float8", "int4", "int4", "float8", "float8", "int4",
                            "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int4", "int8")) + ")")
-_RESERVE_ARGS = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s, %s, %s"
+_RESERVE_ARGS = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s, %s, %s, %s"
 _RESERVE = f"SELECT * FROM broker_reserve({_RESERVE_ARGS})"
 _SETTLE_RESERVE = f"SELECT * FROM broker_settle_reserve({_SETTLE[len('SELECT broker_settle('):-1]}, {_RESERVE_ARGS})"
 _OPEN = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"  # for SQL: ('reserved', 'running')
+
+
+def _note(message: str | None) -> str | None:
+    """What a row keeps of a message: scrubbed of credentials (the ledger outlives any log), 500 chars."""
+    return scrub(message or "")[:500] or None
 
 
 class PostgresLedger:
@@ -88,12 +94,14 @@ class PostgresLedger:
     def open_attempt(self, job_id: str, provider: str, *, hardware: str | None = None, task: str | None = None,
                      reserved_usd: float = 0.0, min_reserved_usd: float | None = None,
                      expires_at: float | None = None, hedge: bool = False, limits: Sequence[SpendLimit] = (),
-                     now: float | None = None, wait: bool = True) -> tuple[int, float]:
+                     now: float | None = None, wait: bool = True,
+                     provider_job_id: str | None = None) -> tuple[int, float]:
         now = time.time() if now is None else now
         floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
         args = (job_id, task, provider, hardware, int(hedge), reserved_usd, floor, expires_at, self.owner, now,
                 now - self.owner_timeout_s, [lim.cap_usd for lim in limits],
-                [lim.window_s for lim in limits], [lim.job_id for lim in limits], not wait, os.getpid(), self.host)
+                [lim.window_s for lim in limits], [lim.job_id for lim in limits], not wait, os.getpid(), self.host,
+                provider_job_id)
         with self._flush_lock:
             # our own finished attempts go first, in the same transaction and round trip: they count
             batch = self._take() if limits else None
@@ -124,7 +132,7 @@ class PostgresLedger:
                        provider_job_id: str | None = None, billed_seconds: float | None = None,
                        cost_usd: float = 0.0, cost_estimated: bool = True, error_class: str | None = None,
                        message: str | None = None, ended_at: float | None = None, unpriced: bool = False) -> None:
-        row = (job_id, task, provider, hardware, provider_job_id, status, error_class, (message or "")[:500] or None,
+        row = (job_id, task, provider, hardware, provider_job_id, status, error_class, _note(message),
                reserved_usd, billed_seconds, cost_usd, int(cost_estimated), int(hedge), started_at,
                time.time() if ended_at is None else ended_at, int(unpriced))
         with self._lock:
@@ -136,7 +144,7 @@ class PostgresLedger:
                       error_class: str | None = None, message: str | None = None,
                       ended_at: float | None = None, unpriced: bool = False) -> None:
         row = (status, provider_job_id, billed_seconds, cost_usd, int(cost_estimated), error_class,
-               (message or "")[:500] or None, time.time() if ended_at is None else ended_at, int(unpriced),
+               _note(message), time.time() if ended_at is None else ended_at, int(unpriced),
                attempt_id)
         with self._lock:
             # Until this lands the reservation still counts in full: late is safe, never optimistic.
@@ -194,7 +202,7 @@ class PostgresLedger:
             self.flush()
 
     # -- the provider's job, and owners ------------------------------------------------------
-    def started(self, attempt_id: int, provider_job_id: str) -> None:
+    def started(self, attempt_id: int, provider_job_id: str, *, wait: bool = True) -> None:
         """Write-ahead: the provider accepted the job; its id is stored before anyone waits on it."""
         with self._pool.connection() as conn:
             conn.execute(f"UPDATE attempts SET status = 'running', provider_job_id = %s, heartbeat_at = %s "
@@ -206,7 +214,7 @@ class PostgresLedger:
         with self._pool.connection() as conn:
             conn.execute(f"UPDATE attempts SET status = 'cancelling', provider_job_id = COALESCE(%s, provider_job_id), "
                          f"expires_at = %s, message = %s, heartbeat_at = %s WHERE id = %s AND status IN {_OPEN}",
-                         (provider_job_id, expires_at, (message or "")[:500] or None, time.time(), attempt_id))
+                         (provider_job_id, expires_at, _note(message), time.time(), attempt_id))
 
     def heartbeat(self, now: float | None = None) -> int:
         """Tell the fleet this process is alive (its reservations keep counting); returns its open attempts."""
@@ -371,8 +379,17 @@ def _beat(ref: weakref.ref[PostgresLedger], stop: threading.Event, every_s: floa
 _LIVE: weakref.WeakSet[PostgresLedger] = weakref.WeakSet()
 
 
+def flush_all() -> None:
+    """Write what every open PostgreSQL ledger of this process still holds (on SIGTERM)."""
+    for ledger in list(_LIVE):
+        try:
+            ledger.flush()
+        except (psycopg.Error, PoolTimeout):
+            pass
+
+
 @atexit.register
-def _flush_all() -> None:
+def _close_all() -> None:
     """Attempts still held in memory reach the database when the interpreter exits normally."""
     for ledger in list(_LIVE):
         try:

@@ -436,6 +436,12 @@ class RunPodEmulator:
         return web.json_response(out)
 
     async def _cancel(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.cancel_refusals > 0:
+            self.faults.cancel_refusals -= 1
+            code = self.faults.cancel_refusal_status
+            headers = {"Retry-After": f"{self.faults.retry_after_s:g}"} if code == 429 else None
+            return web.json_response({"error": "cancel refused (cancel_refusals fault)"}, status=code,
+                                     headers=headers)
         job = self._lookup(request)
         if job is None:
             return web.json_response({"error": "request does not exist"}, status=404)
@@ -485,7 +491,10 @@ class RunPodEmulator:
                 if not self._can_take(worker, request):
                     return web.Response(status=204)
                 if not self.faults.stuck and time.monotonic() >= worker.ready_at and self.book.queue:
-                    taken, doomed = self.book.take(worker.id, count)
+                    start_up = max(worker.ready_at, worker.first_poll or 0.0) - worker.spawned
+                    cold = max(0.0, start_up) if worker.jobs_taken == 0 else 0.0
+                    taken, doomed = self.book.take(worker.id, count, cold)
+                    worker.jobs_taken += len(taken)
                     if taken:
                         break
                     continue  # everything handed out failed by the failure fault; keep waiting
@@ -565,6 +574,8 @@ class RunPodEmulator:
             "workers": {w.id: {"alive": w.alive, "exit_code": w.exit_code, "first_poll": w.first_poll is not None}
                         for w in self.workers.values()},
             "cold_starts": self.cold_starts,
+            #: seconds RunPod would bill for each job (cold start it woke + run + idle timeout)
+            "billed_seconds": {j.id: j.billed_seconds(self.faults.idle_timeout_s) for j in self.book.jobs.values()},
         }
 
     async def _job_status(self, job_id: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 import uuid
@@ -50,6 +51,11 @@ class Faults:
     result_retention_s: float | None = None
     #: start a new worker after one dies
     restart_workers: bool = True
+    #: the next N calls to /cancel are refused with ``cancel_refusal_status`` (429 carries Retry-After)
+    cancel_refusals: int = 0
+    cancel_refusal_status: int = 429
+    #: how RunPod bills a worker's idle tail: each job that ran is charged this many seconds after it
+    idle_timeout_s: float = 5.0
 
     def update(self, **changes: Any) -> None:
         for key, value in changes.items():
@@ -78,6 +84,17 @@ class EmulatedJob:
     stream: list[Any] = field(default_factory=list)
     stream_cursor: int = 0
     retries: int = 0
+    #: worker start-up this job waited through (it was the first job of a freshly started worker)
+    cold_start_s: float = 0.0
+
+    def billed_seconds(self, idle_timeout_s: float) -> float:
+        """What RunPod bills for this job: from the worker's start (when this job woke it) through the
+        run and the idle timeout, rounded up to the second (docs.runpod.io/pricing/serverless,
+        read 2026-12-01). A job cancelled or expired before a worker took it bills nothing."""
+        if self.started is None:
+            return 0.0
+        end = self.finished if self.finished is not None else time.monotonic()
+        return float(math.ceil(self.cold_start_s + (end - self.started) + idle_timeout_s - 1e-9))
 
     def status_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "status": self.status}
@@ -184,13 +201,16 @@ class JobBook:
         }
 
     # -- the worker side -------------------------------------------------------------
-    def take(self, worker_id: str, count: int) -> tuple[list[EmulatedJob], list[EmulatedJob]]:
-        """Hand up to ``count`` queued jobs to a worker; returns (taken, ones the crash fault picked)."""
+    def take(self, worker_id: str, count: int, cold_start_s: float = 0.0
+             ) -> tuple[list[EmulatedJob], list[EmulatedJob]]:
+        """Hand up to ``count`` queued jobs to a worker; returns (taken, ones the crash fault picked).
+        ``cold_start_s``: the worker's start-up, billed to the first job it takes."""
         taken: list[EmulatedJob] = []
         doomed: list[EmulatedJob] = []
         while self.queue and len(taken) < count:
             job = self.jobs[self.queue.popleft()]
             job.status, job.started, job.worker_id = IN_PROGRESS, time.monotonic(), worker_id
+            job.cold_start_s, cold_start_s = min(cold_start_s, job.started - job.created), 0.0
             if self.random.random() < self.faults.failure_rate:
                 self.fail_like_sdk(job, worker_id)
                 continue

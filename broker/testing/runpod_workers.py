@@ -33,6 +33,8 @@ class WorkerInfo:
     last_seen: float | None = None
     stopping: bool = False
     exit_code: int | None = None
+    #: jobs handed to this worker so far (its start-up is billed to the first)
+    jobs_taken: int = 0
 
     @property
     def alive(self) -> bool:

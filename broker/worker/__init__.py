@@ -7,47 +7,53 @@ Every handler (RunPod, Modal, Replicate, the self-hosted server) is a shim over
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import httpx
-
 from broker import engines, wire
 from broker.errors import InvalidRequest
 from broker.media import Audio
 from broker.types import DEFAULT_LIMITS, Limits, RenderRequest, SpeechRequest
+from broker.worker.fetch import FetchPolicy, MediaFetcher
 
 log = logging.getLogger(__name__)
-
-#: largest input a worker will fetch from a URL (avatars, context audio)
-MAX_FETCH_BYTES = 50 * 1024 * 1024
 
 ProgressFn = Callable[[float], None]
 
 
-def fetch_url(url: str) -> bytes:
-    """Download an input given by URL (bounded in size and time)."""
-    try:
-        with httpx.stream("GET", url, timeout=30.0, follow_redirects=True) as resp:
-            resp.raise_for_status()
-            data = bytearray()
-            for part in resp.iter_bytes():
-                data += part
-                if len(data) > MAX_FETCH_BYTES:
-                    raise InvalidRequest("url", f"input at URL is over {MAX_FETCH_BYTES} bytes")
-            return bytes(data)
-    except httpx.HTTPError as exc:
-        raise InvalidRequest("url", f"could not fetch input: {type(exc).__name__}") from None
+@functools.cache
+def configured_fetch_policy() -> FetchPolicy:
+    """The fetch policy from ``worker.*`` settings (read once per process: handlers have no other config)."""
+    from broker.settings import Settings
+
+    cfg = Settings().worker
+    return FetchPolicy(allow_http=cfg.allow_http_urls, allow_private=cfg.allow_private_urls,
+                       max_bytes=cfg.fetch_max_bytes, timeout_s=cfg.fetch_timeout_s)
 
 
-def parse(payload: Any, limits: Limits = DEFAULT_LIMITS) -> SpeechRequest | RenderRequest:
-    request = wire.decode_request(payload, fetch=fetch_url)
+def parse(payload: Any, limits: Limits = DEFAULT_LIMITS, fetch_policy: FetchPolicy | None = None
+          ) -> SpeechRequest | RenderRequest:
+    fetcher = MediaFetcher(fetch_policy or configured_fetch_policy())
+    request = wire.decode_request(payload, fetch=fetcher, limits=limits)
     request.check_limits(limits)
     engines.check(request)
     return request
+
+
+def _nothing_spoken() -> InvalidRequest:
+    # The same text gives the same silence on every provider running this engine: the request's
+    # fault, not the worker's, so it is not failed over and never answered as ``ok: true``.
+    return InvalidRequest("input.text", "the engine found nothing it can speak in this text")
+
+
+def _checked_audio(audio: Audio) -> Audio:
+    if len(audio) == 0:
+        raise _nothing_spoken()
+    return audio
 
 
 def handle(
@@ -56,6 +62,7 @@ def handle(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    fetch_policy: FetchPolicy | None = None,
 ) -> dict[str, Any]:
     """Run one job. Never raises for job errors: they are returned as an error payload."""
     job_id = payload.get("id") if isinstance(payload, dict) else None
@@ -63,9 +70,9 @@ def handle(
     fmt = _audio_format(payload)
     started = time.perf_counter()
     try:
-        request = parse(payload, limits)
+        request = parse(payload, limits, fetch_policy)
         if isinstance(request, SpeechRequest):
-            audio = engines.synthesize(request, cancel)
+            audio = _checked_audio(engines.synthesize(request, cancel))
             return wire.encode_speech_result(job_id, audio, audio_format=fmt, metrics=_metrics(started))
         video = engines.render(request, progress=progress, cancel=cancel)
         return wire.encode_render_result(job_id, video, metrics=_metrics(started))
@@ -80,12 +87,13 @@ def handle_stream(
     *,
     cancel: threading.Event | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    fetch_policy: FetchPolicy | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Speech as chunk payloads (the last has ``final: true``); an error ends the stream as an error payload."""
     job_id = (payload.get("id") if isinstance(payload, dict) else None) or wire.new_job_id()
     fmt = _audio_format(payload)
     try:
-        request = parse(payload, limits)
+        request = parse(payload, limits, fetch_policy)
         if not isinstance(request, SpeechRequest):
             raise InvalidRequest("task", "only speech jobs stream")
         pending: Audio | None = None
@@ -96,31 +104,34 @@ def handle_stream(
                 yield wire.encode_chunk(job_id, index, pending, final=False, text=pending.text, audio_format=fmt)
                 index += 1
             pending = piece
-        if pending is not None:
-            yield wire.encode_chunk(job_id, index, pending, final=True, text=pending.text, audio_format=fmt)
+        if pending is None:
+            raise _nothing_spoken()
+        yield wire.encode_chunk(job_id, index, pending, final=True, text=pending.text, audio_format=fmt)
     except Exception as exc:
         if not isinstance(exc, InvalidRequest):
             log.exception("stream %s failed", job_id)
         yield wire.encode_error(job_id, exc)
 
 
-async def ahandle(payload: Any, *, progress: ProgressFn | None = None, limits: Limits = DEFAULT_LIMITS
-                  ) -> dict[str, Any]:
+async def ahandle(payload: Any, *, progress: ProgressFn | None = None, limits: Limits = DEFAULT_LIMITS,
+                  fetch_policy: FetchPolicy | None = None) -> dict[str, Any]:
     """``handle`` off the event loop, for async handlers (RunPod, Modal, the HTTP worker)."""
     import asyncio
 
     cancel = threading.Event()
     try:
-        return await asyncio.to_thread(handle, payload, progress=progress, cancel=cancel, limits=limits)
+        return await asyncio.to_thread(handle, payload, progress=progress, cancel=cancel, limits=limits,
+                                       fetch_policy=fetch_policy)
     finally:
         cancel.set()  # if we were cancelled, tell the engine thread to stop at its next check
 
 
-async def ahandle_stream(payload: Any, *, limits: Limits = DEFAULT_LIMITS) -> AsyncIterator[dict[str, Any]]:
+async def ahandle_stream(payload: Any, *, limits: Limits = DEFAULT_LIMITS, fetch_policy: FetchPolicy | None = None
+                         ) -> AsyncIterator[dict[str, Any]]:
     import asyncio
 
     cancel = threading.Event()
-    iterator = handle_stream(payload, cancel=cancel, limits=limits)
+    iterator = handle_stream(payload, cancel=cancel, limits=limits, fetch_policy=fetch_policy)
     sentinel = object()
     try:
         while True:

@@ -10,7 +10,10 @@ Routes (the same on `broker worker serve` and on the Modal app's ASGI endpoint):
 
 Errors are wire error payloads (``{"ok": false, "error": {...}}``) with a matching status:
 400 unreadable JSON, 401 missing/wrong key, 413 body over the limit, 422 invalid request,
-503 not ready / busy (with Retry-After), 500 a job that failed.
+503 not ready / busy (with Retry-After), 500 a job that failed inside the engine.
+
+``GET /openapi.json`` (behind the same key) describes the job bodies, with examples. A request's
+body is read only once it holds a job slot, so waiting jobs cost no memory.
 
 Jobs run one at a time by default (``concurrency``): a GPU shared by two renders only makes both
 slow. A job whose client hangs up is cancelled (the engines stop at their next check).
@@ -47,7 +50,9 @@ from broker.errors import (
 )
 from broker.types import DEFAULT_LIMITS, Limits, RenderRequest, build
 from broker.worker import handle, handle_stream
+from broker.worker.fetch import FetchPolicy
 from broker.worker.metrics import CONTENT_TYPE, WorkerMetrics, outcome_of, task_of
+from broker.worker.openapi import openapi_document
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,8 @@ class WorkerOptions:
     #: load the render engine before /ready too; False = on the first render job (speech-only fleets start faster)
     preload_render: bool = True
     limits: Limits = DEFAULT_LIMITS
+    #: which media URLs jobs may make this worker fetch; None = the ``worker.*`` settings
+    fetch_policy: FetchPolicy | None = None
 
 
 @dataclass
@@ -231,9 +238,9 @@ class WorkerState:
             self.waiting -= 1
         self.running += 1
 
-    def _release(self) -> None:
+    def _release(self, served: bool = True) -> None:
         self.running -= 1
-        self.served += 1
+        self.served += int(served)
         self._slots.release()
 
     def _in_thread(self, work: Callable[[], T], task: str = "other") -> asyncio.Future[T]:
@@ -264,30 +271,55 @@ class WorkerState:
         threading.Thread(target=target, name="broker-job", daemon=True).start()
         return future
 
-    async def run_job(self, payload: Any) -> dict[str, Any]:
+    async def with_slot(self, read: Callable[[], Awaitable[T]]) -> T:
+        """Wait for a job slot, then ``read`` the request: a waiting job holds no body in memory.
+
+        The slot stays taken for the job that follows (``run_job``/``stream_job`` with ``slot_held``)."""
         await self._acquire()
+        try:
+            return await read()
+        except BaseException:
+            self._release(served=False)
+            raise
+
+    async def run_job(self, payload: Any, *, slot_held: bool = False) -> dict[str, Any]:
+        if not slot_held:
+            await self._acquire()
+        return await self.start_job(payload)
+
+    def start_job(self, payload: Any) -> Awaitable[dict[str, Any]]:
+        """Start the job on its thread now (its slot already held); await the result to get it.
+
+        Starting synchronously means no cancellation can fall between taking the slot and the
+        thread that gives it back."""
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
 
         def work() -> dict[str, Any]:
-            result = handle(payload, cancel=cancel, limits=self.options.limits)
+            result = handle(payload, cancel=cancel, limits=self.options.limits,
+                            fetch_policy=self.options.fetch_policy)
             if cancel.is_set():
                 _post(loop, self._count_cancelled)
             return result
 
         future = self._in_thread(work, task_of(payload))
-        try:
-            return await future
-        except BaseException:
-            cancel.set()
-            raise
+
+        async def result() -> dict[str, Any]:
+            try:
+                return await future
+            except BaseException:
+                cancel.set()
+                raise
+
+        return result()
 
     def _count_cancelled(self) -> None:
         self.cancelled += 1
 
-    async def stream_job(self, payload: Any) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream_job(self, payload: Any, *, slot_held: bool = False) -> AsyncGenerator[dict[str, Any], None]:
         """Take a slot, then yield chunk payloads as the engine makes them."""
-        await self._acquire()
+        if not slot_held:
+            await self._acquire()
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -295,7 +327,8 @@ class WorkerState:
         def produce() -> dict[str, Any] | None:
             last = None
             try:
-                for item in handle_stream(payload, cancel=cancel, limits=self.options.limits):
+                for item in handle_stream(payload, cancel=cancel, limits=self.options.limits,
+                                          fetch_policy=self.options.fetch_policy):
                     last = item
                     _post(loop, queue.put_nowait, item)
                     if cancel.is_set():
@@ -356,7 +389,7 @@ class _TooLarge(Exception):
         self.limit = limit
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit * _DRAIN_FACTOR:
         raise _TooLarge(limit)
@@ -373,14 +406,40 @@ async def _read_body(request: Request, limit: int) -> bytes:
             over = True
     if over or (declared.isdigit() and int(declared) > limit):
         raise _TooLarge(limit)
-    return bytes(body)
+    return body  # no copy: json.loads reads a bytearray as it is
 
 
-def _parse_json(body: bytes) -> Any:
+#: deepest nesting a job needs is 4 (input.context[i].audio); anything far deeper is an attack
+MAX_JSON_DEPTH = 32
+
+
+def _parse_json(body: bytes | bytearray) -> Any:
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise _WithStatus(InvalidRequest("payload", "is not valid JSON"), 400) from None
+    except RecursionError:
+        raise _WithStatus(InvalidRequest("payload", f"is nested deeper than {MAX_JSON_DEPTH} levels"), 400) from None
+    if _depth_over(data, MAX_JSON_DEPTH):
+        raise _WithStatus(InvalidRequest("payload", f"is nested deeper than {MAX_JSON_DEPTH} levels"), 400)
+    return data
+
+
+def _depth_over(data: Any, limit: int) -> bool:
+    """Is ``data`` nested deeper than ``limit``? Iterative, so no depth can blow the stack."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -444,6 +503,7 @@ def create_app(
 
     app = FastAPI(title="broker worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = state
+    document = openapi_document(opts.limits)
 
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, exc: BrokerError) -> JSONResponse:
@@ -476,17 +536,30 @@ def create_app(
         text = state.metrics.render(state, slots=max(1, opts.concurrency), max_waiting=opts.max_waiting)
         return Response(text, media_type=CONTENT_TYPE)
 
-    async def job_payload(request: Request) -> Any:
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> JSONResponse:
         _check_key(request, opts.api_key)
-        payload = _parse_json(await _read_body(request, opts.max_body_bytes))
+        return JSONResponse(document)
+
+    async def job_payload(request: Request) -> Any:
+        """Authenticate, wait until ready and for a job slot, and only then read the body."""
+        _check_key(request, opts.api_key)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > opts.max_body_bytes:
+            raise _TooLarge(opts.max_body_bytes)  # refused before it waits for a slot
         await state.wait_ready()  # presets load with the engines: resolve them after
-        return state.apply_preset(payload)
+
+        async def read() -> Any:
+            payload = _parse_json(await _read_body(request, opts.max_body_bytes))
+            return state.apply_preset(payload)
+
+        return await state.with_slot(read)
 
     @app.post("/run")
     async def run(request: Request) -> Response:
         payload = await job_payload(request)
         try:
-            result = await _until_disconnect(request, state.run_job(payload))
+            result = await _until_disconnect(request, state.start_job(payload))
         except _ClientGone:
             return Response(status_code=499)  # nobody reads this; the job was cancelled
         return JSONResponse(result, status_code=status_for(result))
@@ -494,7 +567,7 @@ def create_app(
     @app.post("/stream")
     async def stream(request: Request) -> Response:
         payload = await job_payload(request)
-        chunks = await state.stream_job(payload)
+        chunks = await state.stream_job(payload, slot_held=True)
         try:
             first = await _until_disconnect(request, anext(chunks))
         except _ClientGone:

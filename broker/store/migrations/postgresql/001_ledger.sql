@@ -114,7 +114,7 @@ CREATE FUNCTION broker_reserve(
     p_wanted DOUBLE PRECISION, p_floor DOUBLE PRECISION, p_expires_at DOUBLE PRECISION, p_owner TEXT,
     p_now DOUBLE PRECISION, p_alive_after DOUBLE PRECISION,
     p_caps DOUBLE PRECISION[], p_windows DOUBLE PRECISION[], p_jobs TEXT[], p_nowait BOOLEAN,
-    p_owner_pid INTEGER, p_owner_host TEXT)
+    p_owner_pid INTEGER, p_owner_host TEXT, p_provider_job_id TEXT)
 RETURNS TABLE (attempt_id BIGINT, amount DOUBLE PRECISION, failed INTEGER, spent DOUBLE PRECISION,
                settled DOUBLE PRECISION)
 LANGUAGE plpgsql VOLATILE AS $$
@@ -140,10 +140,12 @@ BEGIN
         amt := LEAST(amt, p_caps[i] - s);
     END LOOP;
     amt := GREATEST(amt, p_floor);
+    -- with the provider's job id already known (write-ahead of a job that needed no budget check): running
     INSERT INTO attempts (job_id, task, provider, hardware, status, reserved_usd, hedge, started_at, expires_at, owner,
-                          owner_pid, owner_host, heartbeat_at)
-    VALUES (p_job_id, p_task, p_provider, p_hardware, 'reserved', amt, p_hedge, p_now, p_expires_at, p_owner,
-            p_owner_pid, p_owner_host, p_now)
+                          owner_pid, owner_host, heartbeat_at, provider_job_id)
+    VALUES (p_job_id, p_task, p_provider, p_hardware,
+            CASE WHEN p_provider_job_id IS NULL THEN 'reserved' ELSE 'running' END, amt, p_hedge, p_now, p_expires_at,
+            p_owner, p_owner_pid, p_owner_host, p_now, p_provider_job_id)
     RETURNING id INTO new_id;
     RETURN QUERY SELECT new_id, amt, 0, 0::DOUBLE PRECISION, 0::DOUBLE PRECISION;
 END
@@ -204,7 +206,7 @@ CREATE FUNCTION broker_settle_reserve(
     p_wanted DOUBLE PRECISION, p_floor DOUBLE PRECISION, p_expires_at DOUBLE PRECISION, p_owner TEXT,
     p_now DOUBLE PRECISION, p_alive_after DOUBLE PRECISION,
     p_caps DOUBLE PRECISION[], p_windows DOUBLE PRECISION[], p_jobs TEXT[], p_nowait BOOLEAN,
-    p_owner_pid INTEGER, p_owner_host TEXT)
+    p_owner_pid INTEGER, p_owner_host TEXT, p_provider_job_id TEXT)
 RETURNS TABLE (attempt_id BIGINT, amount DOUBLE PRECISION, failed INTEGER, spent DOUBLE PRECISION,
                settled DOUBLE PRECISION)
 LANGUAGE plpgsql VOLATILE AS $$
@@ -215,6 +217,6 @@ BEGIN
                           u_cost_usd, u_cost_estimated, u_error_class, u_message, u_ended_at, u_unpriced, u_id);
     RETURN QUERY SELECT * FROM broker_reserve(p_job_id, p_task, p_provider, p_hardware, p_hedge, p_wanted, p_floor,
                                               p_expires_at, p_owner, p_now, p_alive_after, p_caps, p_windows,
-                                              p_jobs, p_nowait, p_owner_pid, p_owner_host);
+                                              p_jobs, p_nowait, p_owner_pid, p_owner_host, p_provider_job_id);
 END
 $$;

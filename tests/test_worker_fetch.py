@@ -1,0 +1,148 @@
+"""Media URLs in a job: no SSRF. A loopback server counts every request the worker makes to it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from broker.errors import InvalidRequest
+from broker.media import SAMPLE_RATE, Audio
+from broker.worker import handle
+from broker.worker.fetch import UNREACHABLE, FetchPolicy, MediaFetcher
+
+TONE = Audio((0.3 * np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)).to_bytes("flac")
+OPEN = FetchPolicy(allow_http=True, allow_private=True)
+
+
+class Counting(ThreadingHTTPServer):
+    """Serves /tone.flac, redirects /hop to /tone.flac, 404 otherwise; counts every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests.append(self.path)
+                if self.path == "/tone.flac":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(TONE)))
+                    self.end_headers()
+                    self.wfile.write(TONE)
+                elif self.path == "/hop":
+                    self.send_response(302)
+                    self.send_header("Location", "/tone.flac")
+                    self.end_headers()
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def loopback() -> Iterator[Counting]:
+    server = Counting()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _speech_with_context(*urls: str) -> dict[str, Any]:
+    context = [{"speaker": 0, "text": "earlier", "audio": {"url": u, "mime": "audio/flac"}} for u in urls]
+    return {"v": 1, "id": "j", "task": "speech", "input": {"text": "Hello.", "context": context}}
+
+
+def _error(result: dict[str, Any]) -> dict[str, Any]:
+    assert result["ok"] is False, result
+    return dict(result["error"])
+
+
+def test_loopback_urls_are_never_requested_by_default(loopback: Counting) -> None:
+    port = loopback.server_address[1]
+    urls = [f"http://127.0.0.1:{port}/tone.flac", f"https://127.0.0.1:{port}/tone.flac",
+            f"https://localhost:{port}/tone.flac", f"https://[::ffff:127.0.0.1]:{port}/x",
+            "https://169.254.169.254/latest/meta-data/", "https://10.0.0.1/x"]
+    for url in urls:
+        error = _error(handle(_speech_with_context(url)))
+        assert error["type"] == "InvalidRequest" and error["field"] == "input.context.0.audio", error
+    assert loopback.requests == []
+
+
+def test_limits_are_checked_before_any_fetch(loopback: Counting) -> None:
+    url = f"http://127.0.0.1:{loopback.server_address[1]}/tone.flac"
+    error = _error(handle(_speech_with_context(*[url] * 40), fetch_policy=OPEN))
+    assert error["field"] == "input.context" and "over the limit" in error["message"]
+    bad_fps = {"v": 1, "task": "render", "input": {"audio": {"url": url}, "fps": 2e-6}}
+    assert _error(handle(bad_fps, fetch_policy=OPEN))["field"] == "fps"
+    assert loopback.requests == []
+
+
+def test_allowed_private_fetch_follows_redirects_and_caps_size(loopback: Counting) -> None:
+    base = f"http://127.0.0.1:{loopback.server_address[1]}"
+    assert MediaFetcher(OPEN)(f"{base}/hop") == TONE
+    assert loopback.requests == ["/hop", "/tone.flac"]
+    with pytest.raises(InvalidRequest, match=UNREACHABLE):
+        MediaFetcher(FetchPolicy(allow_http=True, allow_private=True, max_bytes=100))(f"{base}/tone.flac")
+    fetcher = MediaFetcher(FetchPolicy(allow_http=True, allow_private=True, max_fetches=1))
+    fetcher(f"{base}/tone.flac")
+    with pytest.raises(InvalidRequest, match="at most 1 URLs"):
+        fetcher(f"{base}/tone.flac")
+
+
+def test_errors_read_the_same_whatever_is_at_the_port(loopback: Counting) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    open_port = loopback.server_address[1]
+    messages = set()
+    for url in (f"http://127.0.0.1:{closed}/x", f"http://127.0.0.1:{open_port}/missing",
+                "http://no-such-host.invalid/x"):
+        with pytest.raises(InvalidRequest) as info:
+            MediaFetcher(OPEN)(url)
+        messages.add(info.value.message)
+    assert messages == {f"url: {UNREACHABLE}"}
+
+
+def test_the_checked_address_is_the_one_connected_and_redirects_are_rechecked(loopback: Counting) -> None:
+    """DNS is asked once per hop and the request goes to that address (no rebinding between check
+    and connect); a public server's redirect into loopback is refused before any request is made."""
+    port = loopback.server_address[1]
+    asked: list[str] = []
+    seen: list[httpx.Request] = []
+
+    def resolver(host: str, _: int) -> list[str]:
+        asked.append(host)
+        return ["93.184.216.34"] if len(asked) == 1 else ["127.0.0.1"]  # a rebinding DNS answer
+
+    def public_server(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(302, headers={"Location": f"https://cdn.example:{port}/tone.flac"})
+
+    fetcher = MediaFetcher(FetchPolicy(), resolver=resolver, transport=httpx.MockTransport(public_server))
+    with pytest.raises(InvalidRequest, match=UNREACHABLE):
+        fetcher("https://cdn.example/avatar.png")
+    assert [r.url.host for r in seen] == ["93.184.216.34"]
+    assert seen[0].headers["host"] == "cdn.example" and seen[0].extensions["sni_hostname"] == "cdn.example"
+    assert asked == ["cdn.example", "cdn.example"] and loopback.requests == []
+
+
+def test_only_https_unless_configured() -> None:
+    with pytest.raises(InvalidRequest, match="must be https"):
+        MediaFetcher()("http://example.com/a.flac")
+    with pytest.raises(InvalidRequest, match="credentials"):
+        MediaFetcher()("https://user:pw@example.com/a.flac")
