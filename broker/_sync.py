@@ -66,23 +66,44 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def iterate_sync(agen: AsyncIterator[T]) -> Iterator[T]:
-    """Drive an async iterator from synchronous code, one item at a time."""
+    """Drive an async iterator from synchronous code, one item at a time.
+
+    Ctrl-C (or SIGTERM) while an item is awaited cancels that step on the loop and waits for it to unwind,
+    then closes the iterator: its provider job is cancelled before the process goes on to exit.
+    """
     loop = _background_loop()
     sentinel = object()
+    unwound = threading.Event()
 
     async def _next() -> Any:
+        unwound.clear()
         try:
             return await agen.__anext__()
         except StopAsyncIteration:
             return sentinel
+        finally:
+            unwound.set()
 
+    interrupted = False
     try:
         while True:
-            item = asyncio.run_coroutine_threadsafe(_next(), loop).result()
+            step = asyncio.run_coroutine_threadsafe(_next(), loop)
+            try:
+                item = step.result()
+            except KeyboardInterrupt:
+                interrupted = True
+                step.cancel()
+                unwound.wait(UNWIND_S)
+                raise
             if item is sentinel:
                 return
             yield item
     finally:
         aclose = getattr(agen, "aclose", None)
         if aclose is not None:
-            asyncio.run_coroutine_threadsafe(aclose(), loop).result()
+            closing = asyncio.run_coroutine_threadsafe(aclose(), loop)
+            try:
+                closing.result(UNWIND_S if interrupted else None)
+            except (RuntimeError, TimeoutError):
+                if not interrupted:
+                    raise
