@@ -315,7 +315,18 @@ class WorkerSettings(BaseModel):
 
 
 class LedgerSettings(BaseModel):
+    """Where the ledger, budgets and (on PostgreSQL) shared endpoint health live."""
+
+    #: the embedded SQLite file, used when ``url`` is not set
     path: str = "~/.local/share/broker/ledger.sqlite"
+    #: ``sqlite:///path`` or ``postgresql://user@host/db?schema=name``: one ledger and one budget for
+    #: every process (on every machine) using the same database
+    url: str | None = None
+    #: PostgreSQL: each process beats this often; one silent for owner_timeout_s loses its reservations
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    owner_timeout_s: float = Field(default=30.0, gt=0)
+    #: PostgreSQL: share circuit breakers, half-open trials and 429 cooldowns across processes
+    shared_health: bool = True
 
 
 class GatewaySettings(BaseModel):

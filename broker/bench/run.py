@@ -43,9 +43,9 @@ from broker.money.pricing import Catalog, PriceRow
 from broker.types import estimate_speech_seconds
 
 if TYPE_CHECKING:
-    from broker.money.ledger import Ledger
     from broker.providers.base import Provider
     from broker.settings import Settings
+    from broker.store.base import LedgerStore as Ledger
 
 DEFAULT_WORDS = (500, 2000, 10_000)
 DEFAULT_RENDER_SECONDS = (10.0, 60.0)

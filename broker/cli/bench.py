@@ -77,8 +77,8 @@ def bench(
 
     def run() -> None:
         from broker.bench.run import BenchOptions, abench, parse_amounts
-        from broker.money.ledger import Ledger
         from broker.settings import Settings
+        from broker.store import open_store
 
         check_engine(engine)
         options = BenchOptions(
@@ -92,7 +92,7 @@ def bench(
         if plot_path is not None:
             _check_matplotlib()
         settings = Settings()
-        ledger = Ledger(settings.ledger.path) if live else None
+        ledger = open_store(settings) if live else None  # live runs spend: the shared ledger when configured
         try:
             from broker._sync import run_sync
 

@@ -51,7 +51,7 @@ def guarded(fn: Callable[[], T], *, as_json: bool = False) -> T:
         _failed(exc, f"{type(exc).__name__}: {exc.message}", EXIT_FAILED, as_json)
     except KeyboardInterrupt as exc:
         from broker.cli.signals import EXIT_TERMINATED, Terminated
-        from broker.money.ledger import flush_all
+        from broker.store import flush_all
 
         flush_all()  # attempts settled while stopping reach the file before we exit
         if isinstance(exc, Terminated):

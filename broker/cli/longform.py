@@ -180,11 +180,11 @@ def jobs(
     """Long jobs (books, long renders): progress, cost so far, and the command that resumes each."""
 
     def run() -> None:
-        from broker.longform.journal import Journal
+        from broker.longform.journal import open_journal
         from broker.settings import Settings
 
         settings = Settings()
-        journal = Journal(settings.ledger.path)
+        journal = open_journal(settings)  # the shared PostgreSQL journal when ledger.url names one
         rows = journal.jobs(limit)
         journal.close()
         for r in rows:

@@ -131,21 +131,24 @@ def costs(
     """What was spent, by provider and day (from the ledger)."""
 
     def run() -> None:
-        from broker.money.ledger import Ledger
         from broker.settings import Settings
+        from broker.store import open_store, store_url
 
         positive("--days", days, allow_zero=True)
         settings = Settings()
-        ledger = Ledger(settings.ledger.path)
+        ledger = open_store(settings)  # the shared PostgreSQL ledger when ledger.url names one
         since = time.time() - days * 86400 if days > 0 else None
-        rows = ledger.summary(since=since)
-        ledger.close()
+        try:
+            rows = ledger.summary(since=since)
+        finally:
+            ledger.close()
         total = sum(r["cost_usd"] for r in rows)
         by_provider: dict[str, float] = {}
         for r in rows:
             by_provider[r["provider"]] = by_provider.get(r["provider"], 0.0) + r["cost_usd"]
         if as_json:
-            print_json({"ledger": settings.ledger.path, "days": days, "total_usd": round(total, 8),
+            where = str(store_url(settings)) if settings.ledger.url else settings.ledger.path
+            print_json({"ledger": where, "days": days, "total_usd": round(total, 8),
                         "by_provider": {k: round(v, 8) for k, v in by_provider.items()},
                         "rows": [{**r, "cost_usd": round(r["cost_usd"], 8)} for r in rows]})
             return

@@ -20,13 +20,15 @@ from broker.providers import registry
 
 
 def _history(settings: Any) -> dict[str, dict[str, Any]]:
-    """Circuit state, last error and latency per endpoint, replayed from the ledger's last day."""
-    from broker.money.ledger import Ledger
+    """Circuit state, last error and latency per endpoint, replayed from the ledger's last day.
+
+    On a shared (PostgreSQL) store the fleet's live circuit and cooldown state is laid over the replay."""
     from broker.routing.health import BreakerConfig, state_from_history
+    from broker.store import open_shared_health, open_store
 
     ms = settings.manager
     try:
-        ledger = Ledger(settings.ledger.path)
+        ledger = open_store(settings)
     except BrokerError:
         return {}
     try:
@@ -37,7 +39,24 @@ def _history(settings: Any) -> dict[str, dict[str, Any]]:
     for r in rows:
         by_provider.setdefault(r["provider"], []).append(r)
     config = BreakerConfig(ms.breaker_failures, ms.breaker_ejection_s, ms.breaker_max_ejection_s)
-    return {name: state_from_history(rs, config) for name, rs in by_provider.items()}
+    history = {name: state_from_history(rs, config) for name, rs in by_provider.items()}
+    try:
+        shared = open_shared_health(settings)
+    except BrokerError:
+        shared = None
+    if shared is not None:
+        now = time.time()
+        try:
+            for event in shared.current():
+                seen = history.setdefault(event.endpoint, {"state": "closed", "consecutive_failures": 0,
+                                                           "last_error": None, "latency_p50_s": None})
+                if event.kind == "opened" and event.until is not None:
+                    seen["state"] = "open" if event.until > now else "half-open"
+                elif event.kind == "cooldown" and event.until is not None and event.until > now:
+                    seen["cooling_for_s"] = round(event.until - now, 3)
+        finally:
+            shared.close()
+    return history
 
 
 def _description(kind: str) -> str:
@@ -57,6 +76,8 @@ def _describe(status: Any, probe: bool, history: dict[str, dict[str, Any]]) -> d
     seen = history.get(status.name)
     if seen:
         row.update(circuit=seen["state"], last_error=seen["last_error"], latency_p50_s=seen["latency_p50_s"])
+        if seen.get("cooling_for_s"):
+            row["cooling_for_s"] = seen["cooling_for_s"]  # a 429's Retry-After, shared by the fleet
     if provider is None:
         state = "not installed" if status.reason == "not installed" else "not configured"
         if status.reason in ("off", "disabled (local.enabled = false)"):

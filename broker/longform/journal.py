@@ -203,4 +203,18 @@ class Journal:
             self._db.execute(sql, values)
 
 
-__all__ = ["Journal", "PieceRecord"]
+
+
+def open_journal(settings: Any) -> Any:
+    """The journal the configuration names: beside the SQLite ledger, or on the shared PostgreSQL store."""
+    from broker.store import store_url
+
+    url = store_url(settings)
+    if url.dialect == "postgresql":
+        from broker.longform.pg_journal import PostgresJournal
+
+        return PostgresJournal(url)
+    return Journal(url.dsn)
+
+
+__all__ = ["Journal", "PieceRecord", "open_journal"]

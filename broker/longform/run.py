@@ -28,7 +28,7 @@ import numpy as np
 
 from broker.errors import BrokerError, BudgetExceeded, BudgetStopped, InvalidRequest, PieceFailed
 from broker.longform.chunk import MIN_WORDS, SECONDS_PER_WORD, TARGET_RUN_S, Piece, split_pieces, words_per_piece
-from broker.longform.journal import Journal, PieceRecord
+from broker.longform.journal import Journal, PieceRecord, open_journal
 from broker.longform.plan import Lane, lanes_for, simulate, workers_for_deadline
 from broker.longform.schedule import Slots
 from broker.longform.stitch import pause, prepare
@@ -114,7 +114,7 @@ class LongJob:
                                                 first_words=max(MIN_WORDS, max_words // 4))
         titles = [c.title for c in self.chapters]
         self.key = hashlib.sha256(json.dumps([[p.key for p in self.pieces], titles]).encode()).hexdigest()[:16]
-        self.journal = journal or Journal(manager.settings.ledger.path)
+        self.journal = journal or open_journal(manager.settings)  # SQLite beside the ledger, or PostgreSQL
         self._own_journal = journal is None
         capacity = sum(lane.limit for lane in self.lanes)
         self.workers = min(workers or capacity, capacity)

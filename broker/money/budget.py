@@ -4,7 +4,7 @@ An attempt at a provider that can bill reserves ``quote × reserve_factor`` (shr
 left, never below the quote) in the ledger before the provider is called, and records the provider's
 job id the moment the provider accepts it (write-ahead); the manager stops the attempt before its running cost
 could pass what was reserved, and settles the reservation to the billed cost when it ends. The
-check and the reservation are one SQLite transaction, taken under an asyncio lock in a worker
+check and the reservation are one store transaction (SQLite or PostgreSQL), taken under an asyncio lock in a worker
 thread, so concurrent jobs in one process and jobs in other processes sharing the ledger file
 never spend past a limit together. ``BudgetExceeded`` is raised before anything is spent; when the
 limit is full only of open reservations (they usually settle far below what they hold), the attempt
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from broker.money.ledger import BudgetFull, Ledger, LedgerBusy, SpendLimit
+from broker.store.base import BudgetFull, LedgerBusy, LedgerStore, SpendLimit
 
 #: how often a job waiting for budget room looks again (other processes settle without telling us)
 ROOM_POLL_S = 0.25
@@ -68,7 +68,7 @@ class Reservation:
 class Accountant:
     """Opens and settles ledger attempts, enforcing the budget on the way in."""
 
-    def __init__(self, ledger: Ledger, budget: Budget | None = None) -> None:
+    def __init__(self, ledger: LedgerStore, budget: Budget | None = None) -> None:
         self.ledger = ledger
         self.budget = budget or Budget()
         self._lock = asyncio.Lock()
@@ -123,8 +123,9 @@ class Accountant:
         wanted = quote_usd * self.budget.reserve_factor
         kwargs = dict(hardware=hardware, task=task, reserved_usd=wanted, min_reserved_usd=quote_usd,
                       expires_at=expires_at, hedge=hedge, limits=limits)
-        if not self._lock.locked():
-            # Usually nobody else is writing: reserve right here, without a thread hop.
+        if not self.ledger.remote and not self._lock.locked():
+            # Usually nobody else is writing: reserve right here, without a thread hop (never for a
+            # remote store: its round trip would stall every other job on the loop).
             try:
                 aid, usd = self.ledger.open_attempt(job_id, provider, now=time.time(), wait=False,
                                                     **kwargs)  # type: ignore[arg-type]
@@ -175,6 +176,8 @@ class Accountant:
 async def _off_the_loop_if_busy(write: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Write right here when the ledger is free; if another process holds its write lock, wait for it in a
     worker thread (busy_timeout) rather than on the event loop."""
+    if getattr(getattr(write, "__self__", None), "remote", False):
+        return await asyncio.to_thread(write, *args, **kwargs)  # a network round trip: never on the loop
     try:
         return write(*args, wait=False, **kwargs)
     except LedgerBusy:

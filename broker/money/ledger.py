@@ -1,5 +1,7 @@
 """The ledger: every attempt at every provider, what it was reserved and what it cost (SQLite).
 
+The embedded backend of ``broker.store`` (``LedgerStore``); ``broker.store.postgres`` is the shared one.
+
 One table, one row per attempt: opened (``reserved``) before a billable provider is called, marked
 ``running`` with the provider's job id before we wait on it (write-ahead: a billed job is never
 invisible, even after kill -9), ``cancelling`` while an abandoned job's cancel is unconfirmed, and
@@ -21,19 +23,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.errors import BudgetExceeded, ConfigurationError
+from broker.errors import ConfigurationError
 from broker.money.ledger_threads import HEARTBEAT_S, LIVE, beat, flush_all, flusher
 from broker.redact import scrub
+from broker.store.base import OPEN_STATUSES, BudgetFull, LedgerBusy, SpendLimit
 
 __all__ = ["HEARTBEAT_S", "OPEN_STATUSES", "BudgetFull", "Ledger", "LedgerBusy", "SpendLimit", "flush_all", "owner"]
 
 SCHEMA_VERSION = 2
-#: rows whose reservation still counts: not yet started, waiting on the provider, or cancel unconfirmed
-OPEN_STATUSES = ("reserved", "running", "cancelling")
 _OPEN = "status IN ('reserved', 'running', 'cancelling')"
 
 _SCHEMA = """
@@ -99,35 +99,15 @@ def _note(message: str | None) -> str | None:
     return scrub(message or "")[:500] or None
 
 
-class LedgerBusy(Exception):
-    """Another process holds the write lock right now (raised only when asked not to wait)."""
-
-
-class BudgetFull(BudgetExceeded):
-    """A limit has no room for this attempt. ``waitable``: settled spend alone leaves room, so the
-    attempt fits once open reservations settle (the caller may wait for that, within its deadline)."""
-
-    def __init__(self, waitable: bool, message: str) -> None:
-        super().__init__(message)
-        self.waitable = waitable
-
-
 def owner() -> tuple[int, str]:
     """Who owns the attempts this process opens: (pid, host)."""
     return os.getpid(), socket.gethostname()
 
 
-@dataclass(frozen=True)
-class SpendLimit:
-    """A cap on spend: over a rolling window (``window_s``) or for one job (``job_id``)."""
-
-    label: str
-    cap_usd: float
-    window_s: float | None = None
-    job_id: str | None = None
-
-
 class Ledger:
+    #: embedded: a reservation takes microseconds, so the accountant may make it on the event loop
+    remote = False
+
     def __init__(self, path: str | Path = ":memory:", *, busy_timeout_s: float = 30.0,
                  write_behind_s: float = 0.05) -> None:
         self.path = str(path)

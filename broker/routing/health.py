@@ -5,10 +5,16 @@ time that doubles with each ejection (capped). When the ejection ends one trial 
 through (half-open): success closes the breaker, failure opens it again for longer. Latency is
 tracked as a peak-EWMA (Finagle's load balancer idea): a slow sample is believed at once, a fast
 one only gradually, so a provider that just stalled is not trusted again after one lucky job.
+
+Alone, a board is this process's view. Given a ``SharedHealth`` (``broker.store``: PostgreSQL),
+it tells the fleet when a circuit opens or closes and when an endpoint asks for a cooldown, applies
+what the others announce, and takes the half-open trial from the fleet, so one process at a time
+risks a job on an endpoint that was failing.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -16,11 +22,18 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from broker.routing.fleet_link import FleetLink
+from broker.store.base import HealthEvent, SharedHealth
+
 
 class BreakerState(str, Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half-open"
+
+
+#: how long to wait before asking the fleet again for a trial another process holds
+TRIAL_RECHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,10 @@ class CircuitBreaker:
         self.open_until: float | None = None
         self.trial_in_flight = False
         self.generation = 0
+        #: the fleet (``HealthBoard`` with a ``SharedHealth``): told of openings, asked for trials
+        self.link: FleetLink | None = None
+        #: the fleet refused us the trial (another process runs it): do not ask again before this
+        self.trial_elsewhere_until: float | None = None
 
     def state(self, now: float | None = None) -> BreakerState:
         if self.open_until is None:
@@ -62,8 +79,13 @@ class CircuitBreaker:
 
     def available(self, now: float | None = None) -> bool:
         """Would a job be let through now? (Does not take the half-open trial slot.)"""
+        now = self.clock() if now is None else now
         state = self.state(now)
-        return state == BreakerState.CLOSED or (state == BreakerState.HALF_OPEN and not self.trial_in_flight)
+        return state == BreakerState.CLOSED or (state == BreakerState.HALF_OPEN and not self.trial_in_flight
+                                                and not self._trial_elsewhere(now))
+
+    def _trial_elsewhere(self, now: float) -> bool:
+        return self.trial_elsewhere_until is not None and now < self.trial_elsewhere_until
 
     def acquire(self, now: float | None = None) -> Permit | None:
         """Let a job through (the half-open trial is one permit with ``trial=True``); None if refused."""
@@ -71,6 +93,12 @@ class CircuitBreaker:
         if state == BreakerState.CLOSED:
             return Permit(False, self.generation)
         if state == BreakerState.HALF_OPEN and not self.trial_in_flight:
+            now = self.clock() if now is None else now
+            if self._trial_elsewhere(now):
+                return None
+            if self.link is not None and not self.link.grant_trial():
+                self.trial_elsewhere_until = now + TRIAL_RECHECK_S  # another process runs the trial
+                return None
             self.trial_in_flight = True
             return Permit(True, self.generation)
         return None
@@ -86,6 +114,8 @@ class CircuitBreaker:
             self.trial_in_flight = False
             self.open_until = None
             self.ejections = max(0, self.ejections - 1)
+            if self.link is not None:
+                self.link.closed()
         if self.open_until is None:
             self.consecutive_failures = 0
 
@@ -108,12 +138,36 @@ class CircuitBreaker:
         """A job ended with no verdict on the provider (we cancelled it): free the trial slot."""
         if permit is not None and permit.trial and permit.generation == self.generation:
             self.trial_in_flight = False
+            if self.link is not None:
+                self.link.release_trial()
 
     def _open(self, now: float) -> None:
         self.ejections += 1
         self.generation += 1
         self.consecutive_failures = 0
         self.open_until = now + self.config.ejection_s(self.ejections)
+        if self.link is not None:
+            self.link.opened(self.open_until, self.ejections)
+
+    def apply_opened(self, open_until: float, ejections: int) -> None:
+        """Another process opened this circuit until ``open_until`` (this breaker's clock)."""
+        if self.open_until is not None and self.open_until >= open_until:
+            return
+        self.generation += 1  # verdicts of jobs sent before now are old news, as after our own opening
+        self.open_until = open_until
+        self.ejections = max(self.ejections, ejections)
+        self.consecutive_failures = 0
+        self.trial_in_flight = False
+        self.trial_elsewhere_until = None
+
+    def apply_closed(self) -> None:
+        """Another process's trial succeeded."""
+        if self.open_until is not None:
+            self.open_until = None
+            self.ejections = max(0, self.ejections - 1)
+        self.consecutive_failures = 0
+        self.trial_in_flight = False
+        self.trial_elsewhere_until = None
 
 
 class PeakEWMA:
@@ -167,6 +221,9 @@ class ProviderHealth:
             times.append(self.breaker.open_until)
         elif state == BreakerState.HALF_OPEN and self.breaker.trial_in_flight:
             times.append(now + 0.05)  # someone else's trial: look again shortly
+        elif state == BreakerState.HALF_OPEN and self.breaker.trial_elsewhere_until is not None \
+                and now < self.breaker.trial_elsewhere_until:
+            times.append(self.breaker.trial_elsewhere_until)  # another process's trial
         return max(times) if times else None
 
     def observe_success(self, seconds: float, queue_s: float | None, now: float, permit: Permit) -> None:
@@ -185,6 +242,8 @@ class ProviderHealth:
             self.breaker.release(permit)
         if retry_after is not None and retry_after > 0:
             self.cooldown_until = max(self.cooldown_until or 0.0, now + retry_after)
+            if self.breaker.link is not None:
+                self.breaker.link.cooldown(self.cooldown_until)
         self.last_error = error
         self.last_error_at = now
         self.failures += 1
@@ -208,21 +267,61 @@ class ProviderHealth:
 
 
 class HealthBoard:
-    """The ``ProviderHealth`` of every provider a manager routes to."""
+    """The ``ProviderHealth`` of every provider a manager routes to (shared with a fleet when given one)."""
 
-    def __init__(self, config: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 shared: SharedHealth | None = None, trial_lease_s: float = 120.0) -> None:
         self.config = config or BreakerConfig()
         self.clock = clock
+        self.shared = shared
+        self.trial_lease_s = trial_lease_s
         self._by_name: dict[str, ProviderHealth] = {}
+        # Filled by the listener thread, applied by whoever reads the board next (the event loop):
+        # the breakers are only ever touched from one thread.
+        self._inbox: collections.deque[HealthEvent] = collections.deque()
+        if shared is not None:
+            shared.subscribe(self._inbox.append)
 
     def __getitem__(self, name: str) -> ProviderHealth:
+        if self._inbox:
+            self._apply_inbox()
+        return self._get(name)
+
+    def _get(self, name: str) -> ProviderHealth:
         h = self._by_name.get(name)
         if h is None:
             h = self._by_name[name] = ProviderHealth(name, CircuitBreaker(self.config, self.clock))
+            if self.shared is not None:
+                h.breaker.link = FleetLink(self, name)
         return h
 
     def items(self) -> Iterable[tuple[str, ProviderHealth]]:
+        if self._inbox:
+            self._apply_inbox()
         return self._by_name.items()
+
+    def _apply_inbox(self) -> None:
+        while self._inbox:
+            event = self._inbox.popleft()
+            h = self._get(event.endpoint)
+            if event.kind == "opened" and event.until is not None:
+                # an ejection already over still leaves the circuit half-open: a trial must close it
+                h.breaker.apply_opened(self._local(event.until), event.ejections)
+            elif event.kind == "closed":
+                h.breaker.apply_closed()
+            elif event.kind == "cooldown" and event.until is not None:
+                h.cooldown_until = max(h.cooldown_until or 0.0, self._local(event.until))
+
+    def _local(self, wall: float) -> float:
+        """A Unix time on this board's clock (monotonic by default)."""
+        return self.clock() + (wall - time.time())
+
+    def _wall(self, local: float) -> float:
+        return time.time() + (local - self.clock())
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     def p_cold(self, name: str, idle_s: float, now: float, warm_p_cold: float) -> float:
         """Chance the provider's worker is cold: low if we used it within its idle window."""

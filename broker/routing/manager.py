@@ -25,7 +25,6 @@ from broker._sync import run_sync
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
 from broker.media import Audio, AudioChunk, Video
 from broker.money.budget import Accountant, Budget
-from broker.money.ledger import Ledger
 from broker.money.pricing import WARM_P_COLD, Catalog, PriceRow
 from broker.providers import endpoints
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
@@ -35,6 +34,7 @@ from broker.routing.policy import Candidate, DropOverBudget, DropUnpriced, Polic
 from broker.routing.reconcile import Reconciler
 from broker.routing.retry import Action, RetryRules, classify
 from broker.settings import Settings
+from broker.store import LedgerStore, SharedHealth, open_shared_health, open_store
 from broker.types import Attempt, JobReport, Quote, RenderRequest, Segment, SpeechRequest, build
 
 log = logging.getLogger("broker.routing.manager")
@@ -336,7 +336,8 @@ class CloudGPUManager(Provider):
         settings: Settings | None = None,
         policy: Policy | Callable[..., Any] | str | None = None,
         catalog: Catalog | None = None,
-        ledger: Ledger | None = None,
+        ledger: LedgerStore | None = None,
+        shared_health: SharedHealth | None = None,
     ) -> None:
         self.settings = settings or Settings()
         ms = self.settings.manager
@@ -359,17 +360,25 @@ class CloudGPUManager(Provider):
         self.policy = as_policy(policy if policy is not None else ms.policy)
         self.catalog = _with_local_price(catalog or Catalog.from_settings(self.settings), self.all_providers,
                                          self.settings.local.usd_per_hour)
-        self.ledger = ledger or Ledger(self.settings.ledger.path)
+        # ledger.url (or ledger.path): SQLite by default, PostgreSQL to share budgets and health with a fleet
+        self.ledger = ledger or open_store(self.settings)
         self.budget = Budget(ms.max_usd_per_job, ms.daily_budget_usd, ms.monthly_budget_usd, ms.reserve_factor)
         self.accountant = Accountant(self.ledger, self.budget)
+        if shared_health is None and ledger is None:
+            shared_health = open_shared_health(self.settings)
         self.health_board = HealthBoard(BreakerConfig(ms.breaker_failures, ms.breaker_ejection_s,
-                                                      ms.breaker_max_ejection_s))
+                                                      ms.breaker_max_ejection_s), shared=shared_health)
         self.retry_rules = RetryRules(ms.attempts_per_provider, ms.backoff_initial_s, ms.backoff_max_s,
                                       ms.backoff_jitter_s, ms.failover_after_s)
         self.last_report: JobReport | None = None
         self._over_cap = DropOverBudget()
         #: keeps cancelling abandoned jobs until confirmed, and settles dead processes' attempts
-        self.reconciler = Reconciler(self.accountant, self.catalog, lambda: self.all_providers)
+        # A shared store's owners beat every few seconds: a silent one is dead after owner_timeout_s, and
+        # every process sweeps for such rows as jobs arrive (whoever notices first settles them).
+        shared = self.ledger.remote
+        self.reconciler = Reconciler(self.accountant, self.catalog, lambda: self.all_providers,
+                                     **({"stale_s": self.settings.ledger.owner_timeout_s,
+                                         "sweep_every_s": self.settings.ledger.heartbeat_s} if shared else {}))
 
     @property
     def all_providers(self) -> list[Provider]:
@@ -571,6 +580,7 @@ class CloudGPUManager(Provider):
     def close(self) -> None:
         super().close()
         self.ledger.close()
+        self.health_board.close()
 
     # -- drop-in sync surface ---------------------------------------------------------
     def generate_speech(

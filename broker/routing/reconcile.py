@@ -107,12 +107,15 @@ class Reconciler:
     """Keeps cancelling what was abandoned, and settles the attempts of processes that died."""
 
     def __init__(self, accountant: Accountant, catalog: Catalog, providers: Callable[[], Sequence[Provider]], *,
-                 stale_s: float = STALE_S, patience_s: float = RECONCILE_PATIENCE_S) -> None:
+                 stale_s: float = STALE_S, patience_s: float = RECONCILE_PATIENCE_S,
+                 sweep_every_s: float | None = None) -> None:
         self.accountant = accountant
         self.catalog = catalog
         self._providers = providers
         self.stale_s = stale_s
         self.patience_s = patience_s
+        self.sweep_every_s = sweep_every_s
+        self._swept_at = 0.0
         self._adopted: set[asyncio.Task[None]] = set()
         self._sweep: asyncio.Task[ReconcileReport] | None = None
 
@@ -151,8 +154,12 @@ class Reconciler:
 
     # -- attempts of processes that died -------------------------------------------------------------
     def kick(self) -> None:
-        """Start one background sweep for dead owners' attempts (once per reconciler)."""
-        if self._sweep is None:
+        """Start a background sweep for dead owners' attempts: the first time, then again once the last one
+        is over and ``sweep_every_s`` has passed (None: only once), so every live process keeps noticing."""
+        sweep = self._sweep
+        if sweep is None or (sweep.done() and self.sweep_every_s is not None
+                             and time.monotonic() - self._swept_at >= self.sweep_every_s):
+            self._swept_at = time.monotonic()
             self._sweep = asyncio.get_running_loop().create_task(self.reconcile())
 
     async def reconcile(self) -> ReconcileReport:

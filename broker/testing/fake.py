@@ -202,6 +202,21 @@ class FakeJob(BackgroundJob):
             yield AudioChunk(Audio(part, out.sample_rate), i, final=i == len(parts) - 1)
 
 
+class GoneJob(BackgroundJob):
+    """A fake job looked up by id from another process (``FakeProvider.attach``). A fake's jobs live in the
+    process that ran them, so one whose process died is gone: lost, and it billed nothing more."""
+
+    def __init__(self, provider: FakeProvider, job_id: str) -> None:
+        super().__init__(provider.name, job_id, None)
+        self.billing = Billing(billed_seconds=0.0, cost_usd=0.0, estimated=False,
+                               hardware=provider.capabilities.hardware, run_seconds=0.0)
+        self._fail(JobLost("the process that ran this fake job is gone", provider=provider.name, job_id=job_id),
+                   JobState.LOST)
+
+    async def _run(self) -> None:
+        return None
+
+
 class FakeProvider(Provider):
     """A provider whose jobs follow ``script``; see the module docstring for the behaviours."""
 
@@ -309,6 +324,10 @@ class FakeProvider(Provider):
         if self.keep_jobs:
             self.jobs.append(job)
         return job
+
+    def attach(self, job_id: str) -> Job | None:
+        """One of this fake's jobs by id: still here if this process ran it, else gone (``GoneJob``)."""
+        return next((j for j in self.jobs if j.id == job_id), None) or GoneJob(self, job_id)
 
     async def health(self) -> HealthReport:
         self.health_probes += 1
