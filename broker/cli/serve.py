@@ -13,7 +13,7 @@ from broker.cli.common import EXIT_BAD_INPUT, err, fail, out, print_json
 
 serve_app = typer.Typer(help="The HTTP job gateway: the manager behind one API (any language can call it).",
                         invoke_without_command=True)
-keys_app = typer.Typer(help="API keys of the gateway's tenants (each with its own budgets and rate limit).",
+keys_app = typer.Typer(help="API keys of the gateway's tenants (each sees only its own jobs; optional rate limit).",
                        no_args_is_help=True)
 serve_app.add_typer(keys_app, name="keys")
 
@@ -79,8 +79,6 @@ async def _keys(url: str):  # type: ignore[no-untyped-def]
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="Who the key is for.")] = "default",
-    budget_usd: Annotated[float | None, typer.Option("--budget-usd", min=0, help="Daily budget in dollars.")] = None,
-    monthly_usd: Annotated[float | None, typer.Option("--monthly-usd", min=0, help="Monthly budget.")] = None,
     rate: Annotated[int | None, typer.Option("--rate", min=1, help="Jobs a minute.")] = None,
     database: Annotated[str | None, typer.Option("--database")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
@@ -91,8 +89,7 @@ def keys_create(
     async def go() -> tuple[str, object]:
         db, keys = await _keys(url)
         try:
-            return await keys.create(name, daily_budget_usd=budget_usd, monthly_budget_usd=monthly_usd,
-                                     rate_per_minute=rate)
+            return await keys.create(name, rate_per_minute=rate)
         finally:
             await db.close()
 
@@ -117,10 +114,10 @@ def keys_list(database: Annotated[str | None, typer.Option("--database")] = None
         finally:
             await db.close()
 
-    table = Table("tenant", "name", "key", "daily $", "monthly $", "jobs/min", "revoked")
+    table = Table("tenant", "name", "key", "jobs/min", "revoked")
     for row in asyncio.run(go()):
         table.add_row(*(escape(str(row[k] if row[k] is not None else "—")) for k in
-                        ("id", "name", "hint", "daily_budget_usd", "monthly_budget_usd", "rate_per_minute")),
+                        ("id", "name", "hint", "rate_per_minute")),
                       "yes" if row["revoked_at"] else "")
     out.print(table)
 
