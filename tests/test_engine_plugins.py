@@ -99,7 +99,7 @@ def plugin_env(plugin_site: Path, tmp_path: Path) -> dict[str, str]:
     """A user's environment with the plugin installed, and nothing of the developer's config or ledger."""
     return {
         "PYTHONPATH": os.pathsep.join([str(plugin_site), str(REPO)]),
-        "BROKER_CONFIG": str(tmp_path / "no-config.toml"),
+        "BROKER_CONFIG": str(Path(__file__).parent / "data" / "empty.toml"),  # exists, and says nothing
         "BROKER_LEDGER__PATH": str(tmp_path / "ledger.sqlite"),
         "BROKER_LOCAL__DEVICE": "cpu",
         "BROKER_MANAGER__PROVIDERS": '["local"]',

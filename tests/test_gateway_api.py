@@ -200,6 +200,11 @@ def test_a_book_fans_out_and_streams_while_it_runs(tmp_path: Path) -> None:
 
 def test_book_bad_input_is_refused_before_anything_runs(server: LoopbackServer) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as c:
+        book = {"kind": "long_speech", "input": {"text": "Chapter 1\n\nIt began. " * 30 + "\n\nChapter 2\n\nIt ended."}}
+        forecast = c.post("/v1/quote", json=book)  # a book is quoted over 1..64 workers; nothing runs
+        assert forecast.status_code == 200, forecast.text
+        rows = forecast.json()["rows"]
+        assert forecast.json()["chapters"] == 2 and [r["workers"] for r in rows][:4] == [1, 4, 16, 64]
         r = c.post("/v1/jobs", json={"kind": "long_speech", "input": {"chapters": []}})
         assert r.status_code == 422 and r.json()["error"]["field"] == "input.chapters"
         r = c.post("/v1/jobs", json={"kind": "long_speech", "input": {"text": "Hi.", "speaker": -1}})

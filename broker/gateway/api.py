@@ -220,7 +220,7 @@ def create_app(gw: Gateway) -> FastAPI:
         except IdempotencyConflict:
             raise HTTPError(422, "InvalidRequest", "this key was used before with a different body",
                             field="Idempotency-Key") from None
-        if created:
+        if created or job.state == "queued":  # a replay of a job whose first replica died before queueing it
             await gw.queue.enqueue(job.id)
         return JSONResponse({"id": job.id, "state": job.state}, status_code=202 if created else 200)
 
@@ -318,8 +318,10 @@ def create_app(gw: Gateway) -> FastAPI:
         body = await parse_job_body(gw, request)
         req = decode_job_request(body)
         check_options(body)
-        req.check_limits(gw.manager.settings.limits)
         options = body.get("options") or {}
+        if isinstance(req, LongRequest):
+            return JSONResponse(await asyncio.to_thread(_book_forecast, gw.manager, req))
+        req.check_limits(gw.manager.settings.limits)
         plan = gw.manager.plan(req, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"))
         return JSONResponse({
             "ranked": [c.quote.model_dump() | {"provider": c.name} for c in plan.ordered],
@@ -352,6 +354,22 @@ def create_app(gw: Gateway) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
+
+
+def _book_forecast(manager: Any, req: LongRequest) -> dict[str, Any]:
+    """A book's expected wall time and $ over 1, 4, 16, 64 workers and the configured mix (nothing runs)."""
+    from broker.cli.longform import fanout_rows
+    from broker.longform import LongJob
+    from broker.longform.journal import Journal
+
+    journal = Journal(":memory:")  # quoting writes nothing
+    try:
+        job = LongJob(manager, req.chapters, journal=journal, **req.fields)
+        job.close()
+        return {"chapters": len(job.chapters), "pieces": len(job.pieces),
+                "words": sum(p.words for p in job.pieces), "rows": fanout_rows(job)}
+    finally:
+        journal.close()
 
 
 def _output_response(gw: Gateway, key: str, mime: str) -> Response:

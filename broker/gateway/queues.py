@@ -150,7 +150,12 @@ class ProcrastinateQueue(JobQueue):
                 await conn.execute("SELECT pg_advisory_unlock(hashtext('broker.gateway.procrastinate'))")
 
     async def enqueue(self, job_id: str) -> None:
-        await self.task.defer_async(job_id=job_id)
+        # The queueing lock keeps one waiting entry per job, so re-queueing (a replayed request, the sweep)
+        # never doubles it; the row's lease keeps a second entry from running it twice anyway.
+        try:
+            await self.task.configure(queueing_lock=job_id).defer_async(job_id=job_id)
+        except self._procrastinate.exceptions.AlreadyEnqueued:
+            pass
 
     async def _sweep(self) -> None:
         """Retry the jobs of replicas whose heartbeat stopped (any replica may notice first)."""
@@ -163,9 +168,22 @@ class ProcrastinateQueue(JobQueue):
                     log.info("procrastinate job %s stalled (its replica stopped); retrying", job.id)
                     with contextlib.suppress(Exception):  # another replica retried it first
                         await self.app.job_manager.retry_job(job)
+                # a job whose row was written by a replica that died before queueing it
+                for job_id in await self._unqueued():
+                    await self.enqueue(job_id)
                 await self.runner.send_unsent_webhooks()
             except Exception as exc:
                 log.warning("stalled-job sweep failed: %s", exc)
+
+    async def _unqueued(self) -> list[str]:
+        """Queued rows with no procrastinate entry waiting or running for them."""
+        import time
+
+        rows = await self.runner.jobs.db.fetchall(
+            "SELECT g.id FROM gateway_jobs g WHERE g.state = 'queued' AND g.created_at < ? AND NOT EXISTS ("
+            " SELECT 1 FROM procrastinate_jobs p WHERE p.queueing_lock = g.id AND p.status IN ('todo', 'doing'))"
+            " ORDER BY g.created_at LIMIT 100", (time.time() - self.stalled_after_s,))
+        return [r["id"] for r in rows]
 
     async def stop(self) -> None:
         for t in self._tasks:
