@@ -98,8 +98,16 @@ class Accountant:
                 "job_id": job_id, "provider": provider, "hardware": hardware, "task": task, "hedge": hedge,
                 "reserved_usd": quote_usd, "started_at": time.time()})
         while True:
+            reserving = asyncio.ensure_future(
+                self._reserve(job_id, provider, limits, quote_usd, hardware, task, expires_at, hedge))
             try:
-                return await self._reserve(job_id, provider, limits, quote_usd, hardware, task, expires_at, hedge)
+                return await asyncio.shield(reserving)
+            except asyncio.CancelledError:
+                # the row may already be written (in a thread): release it now rather than at its expiry
+                await asyncio.wait([reserving])
+                if not reserving.cancelled() and reserving.exception() is None:
+                    self.settle(reserving.result(), "cancelled")
+                raise
             except BudgetFull as exc:
                 if not exc.waitable or wait_until is None or time.monotonic() + ROOM_POLL_S >= wait_until:
                     raise
@@ -142,7 +150,19 @@ class Accountant:
         return Reservation(aid, usd, capped=True)
 
     async def started(self, reservation: Reservation, provider_job_id: str) -> None:
-        """The provider accepted the job: its id goes to the ledger before we wait on it."""
+        """The provider accepted the job: its id goes to the ledger before we wait on it.
+
+        Cancellation-safe: a write that went to a thread finishes, and its row id is kept, before a
+        cancellation (a hedge that lost, Ctrl-C) reaches the caller — else the attempt would be settled as
+        a second row while the first stayed open."""
+        write = asyncio.ensure_future(self._started(reservation, provider_job_id))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait([write])
+            raise
+
+    async def _started(self, reservation: Reservation, provider_job_id: str) -> None:
         if reservation.attempt_id is not None:
             await _off_the_loop_if_busy(self.ledger.started, reservation.attempt_id, provider_job_id)
         elif reservation.write_ahead:

@@ -161,13 +161,17 @@ class ProviderRun:
             if m.settings.manager.validate_output:
                 check_output(j.request, out, provider=self.name)
         except Exception as exc:
-            await self._cancel_if_running(job)
             error = as_broker_error(exc, self.name)
-            self._close(reservation, job, _outcome_for(error, job), error, started_wall, t0, permit)
+            try:
+                await self._cancel_if_running(job)
+            finally:  # settled and recorded even if a second cancellation cuts the cancel short
+                self._close(reservation, job, _outcome_for(error, job), error, started_wall, t0, permit)
             raise error from None
         except BaseException:  # cancelled by the caller, a hedge won, or the interpreter is stopping
-            await self._cancel_if_running(job)
-            self._close(reservation, job, "cancelled", None, started_wall, t0, permit)
+            try:
+                await self._cancel_if_running(job)
+            finally:
+                self._close(reservation, job, "cancelled", None, started_wall, t0, permit)
             raise
         self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
         return out
