@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -26,8 +28,12 @@ def open_pool(url: StoreURL, *, max_size: int = 4, timeout_s: float = 10.0) -> C
         if schema:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
 
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if "application_name" not in conninfo_to_dict(url.dsn):
+        # pg_stat_activity then says which broker process holds each connection (and when it is gone)
+        kwargs["application_name"] = f"broker:{os.getpid()}"
     pool: ConnectionPool = ConnectionPool(url.dsn, min_size=1, max_size=max_size, open=False, timeout=timeout_s,
-                                          kwargs={"autocommit": True}, configure=configure,
+                                          kwargs=kwargs, configure=configure,
                                           name="broker-store")
     try:
         pool.open(wait=True, timeout=timeout_s)
