@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -91,6 +93,42 @@ def test_the_tightest_of_several_limits_wins_and_a_job_cap_counts_only_that_job(
     assert ledger.spent(job_id="x") == pytest.approx(0.3)
     assert ledger.spent(window_s=DAY) == pytest.approx(0.6)
     assert ledger.spent() == pytest.approx(1.3)
+
+
+_CLAIMER = r"""
+import sys
+from broker.store import open_store
+store = open_store(sys.argv[1])
+row = next(r for r in store.attempts() if r["id"] == int(sys.argv[2]))
+assert store.claim(row), row
+store.close_attempt(row["id"], "lost", cost_usd=0.0, message="reconciled: the provider says it is gone")
+store.flush()
+store.close()
+"""
+
+
+def test_a_row_claimed_by_another_process_is_settled_by_the_claimer_only(ledger: LedgerStore,
+                                                                        store_url: str) -> None:  # noqa: F811
+    # this process stalled past its owner timeout; another one claimed its open row and settled it from the
+    # provider's bill. Our late settle must neither overwrite that nor count its dollars a second time.
+    aid, _ = ledger.open_attempt("late", "p", reserved_usd=0.5)
+    subprocess.run([sys.executable, "-c", _CLAIMER, store_url, str(aid)], check=True, timeout=60)
+    ledger.close_attempt(aid, "succeeded", cost_usd=0.5)
+    ledger.flush()
+    row = next(r for r in ledger.attempts() if r["id"] == aid)
+    assert (row["status"], row["cost_usd"]) == ("lost", 0.0)
+    assert ledger.total() == 0.0 and ledger.spent(window_s=DAY) == 0.0
+
+
+def test_a_row_settled_twice_counts_once_in_every_window(ledger: LedgerStore) -> None:
+    aid, _ = ledger.open_attempt("twice", "p", reserved_usd=0.5)
+    ledger.close_attempt(aid, "cancelled", cost_usd=0.3)
+    ledger.flush()
+    ledger.close_attempt(aid, "succeeded", cost_usd=0.5)  # the provider's final bill, after a first estimate
+    ledger.flush()
+    assert ledger.total() == pytest.approx(0.5)
+    assert ledger.spent(window_s=DAY) == pytest.approx(0.5)  # the spend buckets agree with the rows
+    assert ledger.spent(window_s=30 * DAY) == pytest.approx(0.5)
 
 
 def test_expired_reservations_stop_counting(ledger: LedgerStore) -> None:

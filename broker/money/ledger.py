@@ -414,15 +414,26 @@ class Ledger:
                 "INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, "
                 "message, reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at, "
                 "unpriced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
-        if updates:
-            self._db.executemany(
+        settled = [(r[14], r[10]) for r in inserts]
+        pid, host = owner()
+        for u in updates:
+            # Only a row this process still owns: one a reconciler claimed (this process was thought dead) is
+            # settled by the claimer from the provider's bill. A row settled before (or closed 'lost' at $0)
+            # moves the buckets by the difference, so they always sum to the rows' costs.
+            old = self._db.execute("SELECT cost_usd, ended_at FROM attempts WHERE id = ? AND owner_pid IS ? "
+                                   "AND owner_host IS ?", (u[9], pid, host)).fetchone()
+            if old is None:
+                continue
+            self._db.execute(
                 "UPDATE attempts SET status = ?, provider_job_id = COALESCE(?, provider_job_id), "
                 "billed_seconds = ?, cost_usd = ?, cost_estimated = ?, error_class = ?, message = ?, "
-                "ended_at = ?, unpriced = ? WHERE id = ?", updates)
+                "ended_at = ?, unpriced = ? WHERE id = ?", u)
+            if old[0] and old[1] is not None:
+                settled.append((old[1], -old[0]))
+            settled.append((u[7], u[3]))
         buckets: dict[tuple[int, int], float] = {}
-        settled = [(r[14], r[10]) for r in inserts] + [(u[7], u[3]) for u in updates]
         for ended, usd in settled:
-            if usd:
+            if usd and ended is not None:
                 for width in _BUCKETS:
                     key = (width, int(ended // width) * width)
                     buckets[key] = buckets.get(key, 0.0) + usd

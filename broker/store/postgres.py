@@ -33,14 +33,16 @@ from broker.store.base import OPEN_STATUSES, BudgetFull, LedgerBusy, SpendLimit
 from broker.store.pg_pool import open_pool
 from broker.store.url import StoreURL
 
-# finished attempts (record_attempt's 16 columns, close_attempt's 10), as arrays: one call per batch
-_SETTLE = ("SELECT broker_settle(" + ", ".join(
+# finished attempts (record_attempt's 16 columns, close_attempt's 10), as arrays: one call per batch; the
+# settle changes only rows this store still owns (migration 004)
+_SETTLE_COLUMNS = ", ".join(
     f"%s::{t}[]" for t in ("text", "text", "text", "text", "text", "text", "text", "text", "float8", "float8",
                            "float8", "int4", "int4", "float8", "float8", "int4",
-                           "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int4", "int8")) + ")")
+                           "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int4", "int8"))
+_SETTLE = f"SELECT broker_settle({_SETTLE_COLUMNS}, %s)"
 _RESERVE_ARGS = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s, %s, %s, %s"
 _RESERVE = f"SELECT * FROM broker_reserve({_RESERVE_ARGS})"
-_SETTLE_RESERVE = f"SELECT * FROM broker_settle_reserve({_SETTLE[len('SELECT broker_settle('):-1]}, {_RESERVE_ARGS})"
+_SETTLE_RESERVE = f"SELECT * FROM broker_settle_reserve({_SETTLE_COLUMNS}, {_RESERVE_ARGS})"
 _OPEN = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"  # for SQL: ('reserved', 'running')
 
 
@@ -176,7 +178,7 @@ class PostgresLedger:
             return
         try:
             with self._pool.connection() as conn:
-                conn.execute(_SETTLE, batch[2])
+                conn.execute(_SETTLE, [*batch[2], self.owner])
         except BaseException:
             self._requeue(batch)
             raise
