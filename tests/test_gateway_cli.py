@@ -33,11 +33,15 @@ def _free_port() -> int:
 def test_keys_create_lists_and_revokes(tmp_path: Path) -> None:
     env = _env(tmp_path)
     run = [sys.executable, "-m", "broker", "serve", "keys"]
-    made = subprocess.run([*run, "create", "--name", "alice", "--rate", "30", "--json"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*run, "create", "--name", "alice", "--budget-usd", "0"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--budget-usd must be a positive" in bad.stderr and "Traceback" not in bad.stderr
+    made = subprocess.run([*run, "create", "--name", "alice", "--rate", "30", "--budget-usd", "5",
+                           "--monthly-usd", "40", "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)
     assert key["key"].startswith("bk_") and key["rate_per_minute"] == 30
+    assert (key["daily_budget_usd"], key["monthly_budget_usd"]) == (5, 40)
     listed = subprocess.run([*run, "list"], env=env, capture_output=True, text=True, timeout=60)
     assert "alice" in listed.stdout and key["key"] not in listed.stdout  # only a hint of the key is kept
     db = tmp_path / "gateway.sqlite"  # beside the ledger

@@ -131,6 +131,27 @@ def test_a_row_settled_twice_counts_once_in_every_window(ledger: LedgerStore) ->
     assert ledger.spent(window_s=30 * DAY) == pytest.approx(0.5)
 
 
+def test_a_tenant_limit_counts_only_that_tenants_attempts(ledger: LedgerStore) -> None:
+    acme = SpendLimit("acme daily", 1.0, window_s=DAY, tenant="acme")
+    fleet = SpendLimit("daily", 10.0, window_s=DAY)
+    aid, _ = ledger.open_attempt("a1", "p", reserved_usd=0.6, limits=[acme, fleet], tenant="acme")
+    ledger.open_attempt("b1", "p", reserved_usd=5.0, limits=[fleet], tenant="bolt")  # another tenant's: not counted
+    with pytest.raises(BudgetExceeded, match="acme daily"):
+        ledger.open_attempt("a2", "p", reserved_usd=0.5, limits=[acme, fleet], tenant="acme")
+    ledger.close_attempt(aid, "succeeded", cost_usd=0.25)
+    ledger.flush()
+    assert ledger.spent(window_s=DAY, tenant="acme") == pytest.approx(0.25)
+    _, got = ledger.open_attempt("a2", "p", reserved_usd=0.5, limits=[acme, fleet], tenant="acme")
+    assert got == pytest.approx(0.5)
+    # a day later the tenant's settled spend has left its window; the fleet-wide limit saw both tenants
+    assert ledger.spent(window_s=DAY, tenant="acme", now=time.time() + DAY + 60) == 0.0
+    assert ledger.spent(window_s=DAY) == pytest.approx(0.25 + 5.0 + 0.5)
+    assert {r["tenant"] for r in ledger.attempts(tenant="acme")} == {"acme"}
+    assert len(ledger.attempts(tenant="acme")) == 2
+    ledger.record_attempt("a3", "local", "succeeded", started_at=time.time(), tenant="acme")
+    assert len(ledger.attempts(tenant="acme")) == 3
+
+
 def test_expired_reservations_stop_counting(ledger: LedgerStore) -> None:
     now = time.time()
     ledger.open_attempt("dead", "p", reserved_usd=5.0, expires_at=now - 1, now=now - 100)

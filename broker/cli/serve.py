@@ -13,7 +13,8 @@ from broker.cli.common import EXIT_BAD_INPUT, err, fail, out, print_json
 
 serve_app = typer.Typer(help="The HTTP job gateway: the manager behind one API (any language can call it).",
                         invoke_without_command=True)
-keys_app = typer.Typer(help="API keys of the gateway's tenants (each sees only its own jobs; optional rate limit).",
+keys_app = typer.Typer(help="API keys of the gateway's tenants (each sees only its own jobs, with its own budgets "
+                            "and rate limit).",
                        no_args_is_help=True)
 serve_app.add_typer(keys_app, name="keys")
 
@@ -79,17 +80,25 @@ async def _keys(url: str):  # type: ignore[no-untyped-def]
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="Who the key is for.")] = "default",
+    budget_usd: Annotated[float | None, typer.Option(
+        "--budget-usd", help="The tenant's daily budget in dollars (rolling 24 h), held across replicas.")] = None,
+    monthly_usd: Annotated[float | None, typer.Option(
+        "--monthly-usd", help="The tenant's monthly budget in dollars (rolling 30 days).")] = None,
     rate: Annotated[int | None, typer.Option("--rate", min=1, help="Jobs a minute.")] = None,
     database: Annotated[str | None, typer.Option("--database")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create a key. It is printed once; only its hash is stored."""
+    for flag, value in (("--budget-usd", budget_usd), ("--monthly-usd", monthly_usd)):
+        if value is not None and not value > 0:  # also NaN
+            fail(f"{flag} must be a positive number of dollars, not {value:g}", EXIT_BAD_INPUT)
     _, url = _settings_and_url(database)
 
     async def go() -> tuple[str, object]:
         db, keys = await _keys(url)
         try:
-            return await keys.create(name, rate_per_minute=rate)
+            return await keys.create(name, daily_budget_usd=budget_usd, monthly_budget_usd=monthly_usd,
+                                     rate_per_minute=rate)
         finally:
             await db.close()
 
@@ -114,10 +123,10 @@ def keys_list(database: Annotated[str | None, typer.Option("--database")] = None
         finally:
             await db.close()
 
-    table = Table("tenant", "name", "key", "jobs/min", "revoked")
+    table = Table("tenant", "name", "key", "daily $", "monthly $", "jobs/min", "revoked")
     for row in asyncio.run(go()):
         table.add_row(*(escape(str(row[k] if row[k] is not None else "—")) for k in
-                        ("id", "name", "hint", "rate_per_minute")),
+                        ("id", "name", "hint", "daily_budget_usd", "monthly_budget_usd", "rate_per_minute")),
                       "yes" if row["revoked_at"] else "")
     out.print(table)
 

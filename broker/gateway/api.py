@@ -26,6 +26,7 @@ from broker.gateway.outputs import OutputStore
 from broker.gateway.queues import JobQueue
 from broker.gateway.runner import AUDIO_FORMATS, LONG_FORMATS, JobRunner, LongRequest, decode_job_request
 from broker.gateway.tenants import OPEN_TENANT, KeyStore, Tenant
+from broker.money.budget import DAY_S, MONTH_S
 
 STATIC = Path(__file__).with_name("static")
 
@@ -309,7 +310,8 @@ def create_app(gw: Gateway) -> FastAPI:
                 float(r["cost_usd"] or 0.0)
         return JSONResponse({"days": [{"day": d, "usd": round(v, 8)} for d, v in sorted(by_day.items())],
                              "providers": {p: round(v, 8) for p, v in sorted(by_provider.items())},
-                             "total_usd": round(sum(by_day.values()), 8)})
+                             "total_usd": round(sum(by_day.values()), 8),
+                             "budget": await asyncio.to_thread(_budget_left, gw.manager.ledger, tenant)})
 
     @app.post("/v1/quote", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": JOB_SCHEMA, "examples": JOB_EXAMPLES}}}})
@@ -354,6 +356,17 @@ def create_app(gw: Gateway) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
+
+
+def _budget_left(ledger: Any, tenant: Tenant) -> dict[str, Any]:
+    """The tenant's caps and what the ledger holds against them now (spent plus open reservations)."""
+    out: dict[str, Any] = {}
+    for name, cap, window in (("daily", tenant.daily_budget_usd, DAY_S), ("monthly", tenant.monthly_budget_usd,
+                                                                          MONTH_S)):
+        used = ledger.spent(window_s=window, tenant=tenant.id)
+        out[name] = {"cap_usd": cap, "used_usd": round(used, 8),
+                     "left_usd": None if cap is None else round(max(0.0, cap - used), 8)}
+    return out
 
 
 def _book_forecast(manager: Any, req: LongRequest) -> dict[str, Any]:

@@ -218,12 +218,11 @@ class JobStore:
         now = time.time()
         changed = await self.db.execute(
             "UPDATE gateway_jobs SET state = ?, cost_usd = ?, provider = ?, attempts = ?, error = ?, output_key = ?,"
-            " output_mime = ?, output_bytes = ?, finished_at = ?, updated_at = ?, progress = ?, lease_owner = NULL,"
-            " lease_until = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
+            " output_mime = ?, output_bytes = ?, finished_at = ?, updated_at = ?,"
+            " progress = CASE WHEN ? THEN 1.0 ELSE progress END,"  # a failed job keeps how far it got
+            " lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ? AND state = 'running'",
             (state, cost_usd, provider, json.dumps(attempts), json.dumps(error) if error else None, output_key,
-             output_mime, output_bytes, now, now, 1.0 if state == "succeeded" else None, job_id, owner))
-        if changed and state != "succeeded":
-            await self.db.execute("UPDATE gateway_jobs SET progress = 0 WHERE id = ? AND progress IS NULL", (job_id,))
+             output_mime, output_bytes, now, now, state == "succeeded", job_id, owner))
         return bool(changed)
 
     async def cancel(self, job_id: str, tenant: str | None) -> JobRow | None:

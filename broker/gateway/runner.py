@@ -27,6 +27,7 @@ from broker.gateway.outputs import OutputStore
 from broker.gateway.tenants import KeyStore
 from broker.gateway.webhooks import deliver
 from broker.media import Audio, Video
+from broker.money.budget import TenantBudget
 from broker.types import SpeechRequest, build
 
 log = logging.getLogger("broker.gateway.runner")
@@ -145,11 +146,13 @@ class JobRunner:
         report = None
         try:
             request = decode_job_request(body)
+            tenant = await self._budget_of(job.tenant)
             if isinstance(request, LongRequest):
-                await self._run_long(job, request, options)
+                await self._run_long(job, request, options, tenant)
                 return
             run = asyncio.ensure_future(self.manager.arun(
-                request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id))
+                request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id,
+                tenant=tenant))
             try:
                 out = await run
             finally:
@@ -194,7 +197,13 @@ class JobRunner:
                 task.cancel()
                 raise LeaseLost(job_id)
 
-    async def _run_long(self, job: JobRow, request: LongRequest, options: dict[str, Any]) -> None:
+    async def _budget_of(self, tenant_id: str) -> TenantBudget:
+        """The tenant's budgets as they are now (a key's row; none for the open tenant or a removed key)."""
+        tenant = await self.keys.get(tenant_id)
+        return tenant.budget() if tenant is not None else TenantBudget(tenant_id)
+
+    async def _run_long(self, job: JobRow, request: LongRequest, options: dict[str, Any],
+                        tenant: TenantBudget) -> None:
         """A book through the long-work scheduler; its journal makes a rerun (another replica) redo only
         missing pieces. Written where ``GET …/output`` can follow it as it grows."""
         import tempfile
@@ -213,7 +222,7 @@ class JobRunner:
 
         long_job = LongJob(self.manager, request.chapters, output=folder / key, max_usd=options.get("max_usd"),
                            deadline_s=options.get("deadline_s"), on_progress=progress,
-                           command=f"gateway job {job.id}", **request.fields)
+                           command=f"gateway job {job.id}", tenant=tenant, **request.fields)
         try:
             result = await long_job.run()
         finally:

@@ -1,4 +1,5 @@
-"""API keys: each one a tenant that sees only its own jobs, with a rate limit. Only a key's SHA-256 is stored.
+"""API keys: each one a tenant that sees only its own jobs, with its own daily/monthly dollar budgets (held by
+the ledger's reservations, like the manager's) and a rate limit. Only a key's SHA-256 is stored.
 
 Keys are 32 random bytes (``bk_`` + urlsafe base64), so a plain hash is enough: there is nothing to
 brute-force the way there is with a password. The key is shown once, when it is created.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.gateway.db import Database, Row
+from broker.money.budget import TenantBudget
 
 KEY_PREFIX = "bk_"
 #: the tenant of every job when the gateway runs without keys (loopback, single user)
@@ -59,6 +61,10 @@ class Tenant:
         return cls(row["id"], row["name"], row["daily_budget_usd"], row["monthly_budget_usd"],
                    row["rate_per_minute"], row["webhook_secret"])
 
+    def budget(self) -> TenantBudget:
+        """What the manager enforces for this tenant's jobs (its attempts are marked with its id)."""
+        return TenantBudget(self.id, self.daily_budget_usd, self.monthly_budget_usd)
+
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "daily_budget_usd": self.daily_budget_usd,
                 "monthly_budget_usd": self.monthly_budget_usd, "rate_per_minute": self.rate_per_minute}
@@ -72,13 +78,13 @@ class KeyStore:
     async def setup(self) -> None:
         await self.db.script(schema(self.db))
 
-    async def create(self, name: str, *, rate_per_minute: int | None = None) -> tuple[str, Tenant]:
-        """A new key (returned once, never stored) and its tenant.
-
-        Per-tenant budgets are not enforced yet (the columns are reserved for them): until they are, the
-        gateway's spend is bounded by the manager's own per-job, daily and monthly budgets.
-        """
-        daily_budget_usd = monthly_budget_usd = None
+    async def create(self, name: str, *, daily_budget_usd: float | None = None,
+                     monthly_budget_usd: float | None = None, rate_per_minute: int | None = None
+                     ) -> tuple[str, Tenant]:
+        """A new key (returned once, never stored) and its tenant."""
+        for what, v in (("daily_budget_usd", daily_budget_usd), ("monthly_budget_usd", monthly_budget_usd)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{what} must be a positive number of dollars")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         tenant_id = "t_" + secrets.token_hex(6)
         webhook_secret = "whsec_" + secrets.token_urlsafe(24)

@@ -35,6 +35,7 @@ from broker.longform.stitch import pause, prepare
 from broker.longform.text import Chapter
 from broker.longform.writer import AudioWriter, chapter_file_name, check_output_path
 from broker.media import SAMPLE_RATE, Audio, AudioChunk
+from broker.money.budget import TenantBudget
 from broker.types import Segment, SpeechRequest, build
 
 log = logging.getLogger("broker.longform")
@@ -82,7 +83,8 @@ class LongJob:
                  context: Sequence[Segment] = (), temperature: float = 0.9, topk: int = 50,
                  workers: int | None = None, deadline_s: float | None = None, max_usd: float | None = None,
                  target_run_s: float = TARGET_RUN_S, journal: Journal | None = None,
-                 on_progress: Callable[[Progress], None] | None = None, command: str = "") -> None:
+                 on_progress: Callable[[Progress], None] | None = None, command: str = "",
+                 tenant: TenantBudget | None = None) -> None:
         if not chapters:
             raise InvalidRequest("text", "there is no text to speak")
         if output is not None:
@@ -98,6 +100,7 @@ class LongJob:
         self.engine = engine or manager.settings.engines.default
         self.speaker, self.context = speaker, list(context)
         self.max_usd, self.on_progress, self.command = max_usd, on_progress, command
+        self.tenant = tenant  # every piece is this tenant's, under its budgets
         self._fields = {"speaker": speaker, "engine": engine, "temperature": temperature, "topk": topk}
         # the request every piece shares, checked now: bad settings fail before anything runs
         sample = build(SpeechRequest, text="word " * _SAMPLE_WORDS, context=self.context, **self._fields)
@@ -246,7 +249,7 @@ class LongJob:
         try:
             request = build(SpeechRequest, text=piece.text, context=self._context_for(piece), **self._fields)
             job = await self.manager.submit(request, prefer=[lane.name], avoid=self.slots.saturated(lane),
-                                            max_usd=self.slots.cap_for(piece))
+                                            max_usd=self.slots.cap_for(piece), tenant=self.tenant)
             await asyncio.to_thread(self.journal.mark_running, piece.key, job.id)
             out = await job.result()
             report = out.report

@@ -41,8 +41,9 @@ class Budget:
     def active(self) -> bool:
         return any(v is not None for v in (self.max_usd_per_job, self.daily_usd, self.monthly_usd))
 
-    def limits(self, job_id: str, max_usd: float | None = None) -> list[SpendLimit]:
-        out = []
+    def limits(self, job_id: str, max_usd: float | None = None,
+               tenant: TenantBudget | None = None) -> list[SpendLimit]:
+        out = [] if tenant is None else tenant.limits()
         per_job = min((v for v in (self.max_usd_per_job, max_usd) if v is not None), default=None)
         if per_job is not None:
             out.append(SpendLimit("per-job budget", per_job, job_id=job_id))
@@ -50,6 +51,32 @@ class Budget:
             out.append(SpendLimit("daily budget (rolling 24 h)", self.daily_usd, window_s=DAY_S))
         if self.monthly_usd is not None:
             out.append(SpendLimit("monthly budget (rolling 30 days)", self.monthly_usd, window_s=MONTH_S))
+        return out
+
+
+@dataclass(frozen=True)
+class TenantBudget:
+    """Whose job it is (a gateway API key's tenant), and that tenant's own rolling budgets.
+
+    Its attempts carry the tenant in the ledger, and its limits are checked in the same transaction as the
+    manager's own: a tenant never spends past its cap, on any replica, and never past the fleet's either."""
+
+    tenant: str
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.daily_usd is not None or self.monthly_usd is not None
+
+    def limits(self) -> list[SpendLimit]:
+        out = []
+        if self.daily_usd is not None:
+            out.append(SpendLimit(f"tenant {self.tenant}'s daily budget (rolling 24 h)", self.daily_usd,
+                                  window_s=DAY_S, tenant=self.tenant))
+        if self.monthly_usd is not None:
+            out.append(SpendLimit(f"tenant {self.tenant}'s monthly budget (rolling 30 days)", self.monthly_usd,
+                                  window_s=MONTH_S, tenant=self.tenant))
         return out
 
 
@@ -87,19 +114,22 @@ class Accountant:
         max_usd: float | None = None,
         billable: bool = True,
         wait_until: float | None = None,
+        tenant: TenantBudget | None = None,
     ) -> Reservation:
         """Reserve for one attempt. ``billable=False`` (a free provider) writes the row once, when it ends;
-        ``wait_until`` (a ``time.monotonic()`` instant) lets a full budget wait for open reservations to settle."""
-        limits = self.budget.limits(job_id, max_usd) if quote_usd > 0 or max_usd is not None else []
+        ``wait_until`` (a ``time.monotonic()`` instant) lets a full budget wait for open reservations to settle;
+        ``tenant``: whose job it is (its row says so) and that tenant's budgets, checked with the rest."""
+        limits = self.budget.limits(job_id, max_usd, tenant) if quote_usd > 0 or max_usd is not None else []
+        who = None if tenant is None else tenant.tenant
         if not limits:
             # Nothing to enforce: a provider that can bill gets its row once it accepts the job (``started``,
             # before anyone waits on it); one that cannot is written once, when it ends.
             return Reservation(None, quote_usd, capped=False, write_ahead=billable, pending={
                 "job_id": job_id, "provider": provider, "hardware": hardware, "task": task, "hedge": hedge,
-                "reserved_usd": quote_usd, "started_at": time.time()})
+                "reserved_usd": quote_usd, "started_at": time.time(), "tenant": who})
         while True:
             reserving = asyncio.ensure_future(
-                self._reserve(job_id, provider, limits, quote_usd, hardware, task, expires_at, hedge))
+                self._reserve(job_id, provider, limits, quote_usd, hardware, task, expires_at, hedge, who))
             try:
                 return await asyncio.shield(reserving)
             except asyncio.CancelledError:
@@ -127,10 +157,10 @@ class Accountant:
 
     async def _reserve(self, job_id: str, provider: str, limits: list[SpendLimit], quote_usd: float,
                        hardware: str | None, task: str | None, expires_at: float | None,
-                       hedge: bool) -> Reservation:
+                       hedge: bool, tenant: str | None) -> Reservation:
         wanted = quote_usd * self.budget.reserve_factor
         kwargs = dict(hardware=hardware, task=task, reserved_usd=wanted, min_reserved_usd=quote_usd,
-                      expires_at=expires_at, hedge=hedge, limits=limits)
+                      expires_at=expires_at, hedge=hedge, limits=limits, tenant=tenant)
         if not self.ledger.remote and not self._lock.locked():
             # Usually nobody else is writing: reserve right here, without a thread hop (never for a
             # remote store: its round trip would stall every other job on the loop).
@@ -145,7 +175,7 @@ class Accountant:
             aid, usd = await asyncio.to_thread(
                 self.ledger.open_attempt, job_id, provider, hardware=hardware, task=task,
                 reserved_usd=wanted, min_reserved_usd=quote_usd, expires_at=expires_at, hedge=hedge,
-                limits=limits, now=time.time(),
+                limits=limits, now=time.time(), tenant=tenant,
             )
         return Reservation(aid, usd, capped=True)
 
@@ -170,7 +200,7 @@ class Accountant:
             reservation.attempt_id, _ = await _off_the_loop_if_busy(
                 self.ledger.open_attempt, p["job_id"], p["provider"], hardware=p["hardware"], task=p["task"],
                 reserved_usd=p["reserved_usd"], hedge=p["hedge"], now=p["started_at"],
-                provider_job_id=provider_job_id)
+                provider_job_id=provider_job_id, tenant=p["tenant"])
 
     def cancelling(self, reservation: Reservation, *, provider_job_id: str | None, expires_at: float | None,
                    message: str | None = None) -> None:
@@ -179,7 +209,7 @@ class Accountant:
             p = reservation.pending
             reservation.attempt_id, _ = self.ledger.open_attempt(
                 p["job_id"], p["provider"], hardware=p["hardware"], task=p["task"], reserved_usd=p["reserved_usd"],
-                hedge=p["hedge"], now=p["started_at"])
+                hedge=p["hedge"], now=p["started_at"], tenant=p["tenant"])
         self.ledger.mark_cancelling(reservation.attempt_id, provider_job_id=provider_job_id, expires_at=expires_at,
                                     message=message)
 

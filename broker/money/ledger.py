@@ -33,7 +33,7 @@ from broker.store.base import OPEN_STATUSES, BudgetFull, LedgerBusy, SpendLimit
 
 __all__ = ["HEARTBEAT_S", "OPEN_STATUSES", "BudgetFull", "Ledger", "LedgerBusy", "SpendLimit", "flush_all", "owner"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _OPEN = "status IN ('reserved', 'running', 'cancelling')"
 
 _SCHEMA = """
@@ -76,6 +76,9 @@ _V2_COLUMNS = (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat_at"
                ("unpriced", "INTEGER NOT NULL DEFAULT 0"))
 _V2_INDEX = ("DROP INDEX IF EXISTS attempts_open",
              f"CREATE INDEX IF NOT EXISTS attempts_open2 ON attempts (started_at) WHERE {_OPEN}")
+# v2 -> v3: the tenant an attempt ran for (a gateway API key), so a tenant's budget counts its own rows
+_V3_COLUMNS = (("tenant", "TEXT"),)
+_V3_INDEX = ("CREATE INDEX IF NOT EXISTS attempts_tenant ON attempts (tenant, ended_at) WHERE tenant IS NOT NULL",)
 
 # A job's spend counts a closed attempt's cost and an open one's reservation (until it expires: a
 # process that died mid-job must not hold the budget forever).
@@ -167,12 +170,12 @@ class Ledger:
         return f"<Ledger {self.path}>"
 
     def _upgrade(self) -> None:
-        """Bring a v1 file (or the v1 tables just created) to v2; safe to run on any version."""
+        """Bring a v1 or v2 file (or the v1 tables just created) to v3; safe to run on any version."""
         have = {r[1] for r in self._db.execute("PRAGMA table_info(attempts)").fetchall()}
-        for name, decl in _V2_COLUMNS:
+        for name, decl in _V2_COLUMNS + _V3_COLUMNS:
             if name not in have:
                 self._db.execute(f"ALTER TABLE attempts ADD COLUMN {name} {decl}")
-        for stmt in _V2_INDEX:
+        for stmt in _V2_INDEX + _V3_INDEX:
             self._db.execute(stmt)
 
     # -- writing ----------------------------------------------------------------------------
@@ -191,6 +194,7 @@ class Ledger:
         now: float | None = None,
         wait: bool = True,
         provider_job_id: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[int, float]:
         """Record an attempt about to start; returns (attempt id, dollars reserved).
 
@@ -201,15 +205,15 @@ class Ledger:
         """
         now = time.time() if now is None else now
         insert = ("INSERT INTO attempts (job_id, task, provider, hardware, status, reserved_usd, hedge, "
-                  "started_at, expires_at, owner_pid, owner_host, heartbeat_at, provider_job_id) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                  "started_at, expires_at, owner_pid, owner_host, heartbeat_at, provider_job_id, tenant) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         pid, host = owner()
         status = "reserved" if provider_job_id is None else "running"
         self._start_heartbeat()
         with self._lock:
             if not limits:
                 row = (job_id, task, provider, hardware, status, reserved_usd, int(hedge), now, expires_at,
-                       pid, host, now, provider_job_id)
+                       pid, host, now, provider_job_id, tenant)
                 cur = self._write(insert, row, wait)
                 return int(cur.lastrowid or 0), reserved_usd
             floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
@@ -239,7 +243,7 @@ class Ledger:
                     amount = min(amount, headroom)
                 amount = max(amount, floor)
                 row = (job_id, task, provider, hardware, status, amount, int(hedge), now, expires_at,
-                       pid, host, now, provider_job_id)
+                       pid, host, now, provider_job_id, tenant)
                 cur = self._db.execute(insert, row)
                 self._db.execute("COMMIT")
                 self._written = ([], [])
@@ -268,11 +272,12 @@ class Ledger:
         message: str | None = None,
         ended_at: float | None = None,
         unpriced: bool = False,
+        tenant: str | None = None,
     ) -> None:
         """Write a finished attempt in one go (used for attempts that could not bill: nothing to write ahead)."""
         row = (job_id, task, provider, hardware, provider_job_id, status, error_class, _note(message),
                reserved_usd, billed_seconds, cost_usd, int(cost_estimated), int(hedge), started_at,
-               time.time() if ended_at is None else ended_at, int(unpriced))
+               time.time() if ended_at is None else ended_at, int(unpriced), tenant)
         with self._lock:
             self._pending.append(row)
             self._schedule_flush()
@@ -413,7 +418,7 @@ class Ledger:
             self._db.executemany(
                 "INSERT INTO attempts (job_id, task, provider, hardware, provider_job_id, status, error_class, "
                 "message, reserved_usd, billed_seconds, cost_usd, cost_estimated, hedge, started_at, ended_at, "
-                "unpriced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+                "unpriced, tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
         settled = [(r[14], r[10]) for r in inserts]
         pid, host = owner()
         for u in updates:
@@ -457,6 +462,14 @@ class Ledger:
                                               f"AND NOT {_OPEN}", (limit.job_id,)).fetchone()[0])
             return float(self._db.execute(_SPEND.format(where="job_id = ?"), (now, limit.job_id)).fetchone()[0])
         since = now - limit.window_s if limit.window_s is not None else 0.0
+        if limit.tenant is not None:
+            # a tenant's own rows, by when they ended (the buckets are shared by every tenant)
+            settled = self._db.execute(f"SELECT COALESCE(SUM(cost_usd), 0) FROM attempts WHERE tenant = ? "
+                                       f"AND NOT {_OPEN} AND ended_at >= ?", (limit.tenant, since)).fetchone()[0]
+            if settled_only:
+                return float(settled)
+            reserved = self._db.execute(_OPEN_SPEND + " AND tenant = ?", (now, since, limit.tenant)).fetchone()[0]
+            return float(settled) + float(reserved)
         width = _BUCKETS[0] if limit.window_s is not None and limit.window_s <= 2 * 86400 else _BUCKETS[-1]
         # The bucket holding the window's start counts whole: an early "no", never an overspend.
         settled = self._db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend_buckets WHERE width = ? AND start >= ?",
@@ -466,11 +479,14 @@ class Ledger:
         reserved = self._db.execute(_OPEN_SPEND, (now, since)).fetchone()[0]
         return float(settled) + float(reserved)
 
-    def spent(self, *, window_s: float | None = None, job_id: str | None = None, now: float | None = None) -> float:
-        """Dollars spent (and still reserved) over the last ``window_s`` seconds, or by one job, or ever."""
+    def spent(self, *, window_s: float | None = None, job_id: str | None = None, now: float | None = None,
+              tenant: str | None = None) -> float:
+        """Dollars spent (and still reserved) over the last ``window_s`` seconds (or ever), by one job, or by one
+        tenant over the window."""
         with self._lock:
             self._flush_locked()
-            return self._spent(time.time() if now is None else now, SpendLimit("spent", 0.0, window_s, job_id))
+            return self._spent(time.time() if now is None else now,
+                               SpendLimit("spent", 0.0, window_s, job_id, tenant))
 
     def total(self) -> float:
         """Dollars billed across every closed attempt."""
@@ -479,9 +495,12 @@ class Ledger:
             return float(self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM attempts").fetchone()[0])
 
     def attempts(self, *, job_id: str | None = None, provider: str | None = None, since: float | None = None,
-                 limit: int | None = None) -> list[dict[str, Any]]:
+                 limit: int | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
         where: list[str] = ["1"]
         args: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
         if job_id is not None:
             where.append("job_id = ?")
             args.append(job_id)

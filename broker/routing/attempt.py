@@ -107,7 +107,7 @@ class ProviderRun:
             reservation = await m.accountant.open(
                 j.id, self.name, quote_usd=self.quote.expected_usd, hardware=self.provider.capabilities.hardware,
                 task=j.request.task, expires_at=time.time() + j.remaining() + 300.0, hedge=self.hedge,
-                max_usd=j.max_usd, billable=self.billable, wait_until=j.deadline,
+                max_usd=j.max_usd, billable=self.billable, wait_until=j.deadline, tenant=j.tenant,
             )
         except BudgetExceeded as exc:
             health.breaker.release(permit)
@@ -312,7 +312,7 @@ class ProviderRun:
             reservation = await m.accountant.open(
                 j.id, self.name, quote_usd=self.quote.expected_usd, hardware=self.provider.capabilities.hardware,
                 task=j.request.task, expires_at=time.time() + j.remaining() + 300.0, max_usd=j.max_usd,
-                billable=self.billable, wait_until=j.deadline)
+                billable=self.billable, wait_until=j.deadline, tenant=j.tenant)
         except BudgetExceeded as exc:
             health.breaker.release(permit)
             j.record(Attempt(provider=self.name, outcome="skipped", error_class="BudgetExceeded",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from broker.media import Audio
-from broker.money.budget import Accountant
+from broker.money.budget import Accountant, TenantBudget
 from broker.money.pricing import Catalog
 from broker.providers.base import Request
 from broker.routing.health import HealthBoard
@@ -34,6 +34,7 @@ class RoutedJob(Protocol):
     report: JobReport
     deadline: float
     max_usd: float | None
+    tenant: TenantBudget | None
     streamed: Audio | None
 
     def remaining(self) -> float: ...

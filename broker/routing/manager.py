@@ -24,7 +24,7 @@ from typing import Any
 from broker._sync import run_sync
 from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
 from broker.media import Audio, AudioChunk, Video
-from broker.money.budget import Accountant, Budget
+from broker.money.budget import Accountant, Budget, TenantBudget
 from broker.money.pricing import WARM_P_COLD, Catalog, PriceRow
 from broker.providers import endpoints
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
@@ -52,10 +52,12 @@ class ManagedJob(Job):
 
     def __init__(self, manager: CloudGPUManager, request: Request, stream: bool, *,
                  deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None,
-                 prefer: Sequence[str] = (), avoid: Sequence[str] = (), job_id: str | None = None) -> None:
+                 prefer: Sequence[str] = (), avoid: Sequence[str] = (), job_id: str | None = None,
+                 tenant: TenantBudget | None = None) -> None:
         super().__init__(manager.name, job_id or uuid.uuid4().hex, request)
         self.report = JobReport(job_id=self.id, task=request.task)
         self.max_usd = max_usd
+        self.tenant = tenant
         # a long job's scheduler steers each piece: its chosen endpoint first, saturated ones last
         self.prefer, self.avoid = tuple(prefer), frozenset(avoid)
         self.policy = as_policy(policy) if policy is not None else manager.policy
@@ -138,7 +140,7 @@ class ManagedJob(Job):
 
     def _plan(self) -> Ranking:
         plan = self._manager.plan(self.request, exclude=self._tried, deadline_s=self.remaining(),
-                                  max_usd=self.max_usd, policy=self.policy)
+                                  max_usd=self.max_usd, policy=self.policy, tenant=self.tenant)
         if self.prefer or self.avoid:
             plan.ordered = steer(plan.ordered, self.prefer, self.avoid, self._manager.fallback)
         return plan
@@ -409,7 +411,8 @@ class CloudGPUManager(Provider):
         return q.model_copy(update={"provider": provider.name})
 
     def plan(self, request: Request, *, exclude: set[str] | frozenset[str] = frozenset(),
-             deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None) -> Ranking:
+             deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None,
+             tenant: TenantBudget | None = None) -> Ranking:
         """Rank the providers for ``request``: ``ordered`` to try (local last), ``dropped`` with reasons."""
         now = time.monotonic()
         candidates: list[Candidate] = []
@@ -423,7 +426,8 @@ class CloudGPUManager(Provider):
                 continue
             candidates.append(Candidate(p, self.quote_provider(p, request)))
         cap = min((v for v in (self.settings.manager.max_usd_per_job, max_usd) if v is not None), default=None)
-        if self.budget.active or max_usd is not None:  # an unknown price is not $0: no budget could hold it
+        if self.budget.active or max_usd is not None or (tenant is not None and tenant.active):
+            # an unknown price is not $0: no budget could hold it
             unpriced = DropUnpriced().rank(candidates, RankContext())
             candidates, dropped = unpriced.ordered, dropped + unpriced.dropped
         ctx = RankContext(deadline_s=deadline_s, max_usd=cap)
@@ -475,8 +479,10 @@ class CloudGPUManager(Provider):
     # -- running --------------------------------------------------------------------------------
     async def submit(self, request: Request, *, stream: bool = False, deadline_s: float | None = None,
                      max_usd: float | None = None, policy: Any = None, job_id: str | None = None,
-                     prefer: Sequence[str] = (), avoid: Sequence[str] = ()) -> Job:
+                     prefer: Sequence[str] = (), avoid: Sequence[str] = (),
+                     tenant: TenantBudget | None = None) -> Job:
         """Accept ``request``; ``job_id`` names the job in the ledger and the report (a caller's own id).
+        ``tenant``: whose job it is; its attempts are the tenant's in the ledger, under its budgets too.
 
         ``prefer``: endpoint names tried first, in that order; ``avoid``: tried only after the rest
         (both soft: ranking, budgets and failover still apply; long jobs use them to spread pieces)."""
@@ -487,12 +493,13 @@ class CloudGPUManager(Provider):
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
                                      + (f" ({reasons})" if reasons else ""))
         return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy,
-                          job_id=job_id, prefer=prefer, avoid=avoid)
+                          job_id=job_id, prefer=prefer, avoid=avoid, tenant=tenant)
 
     async def arun(self, request: Request, *, timeout: float | None = None, deadline_s: float | None = None,
-                   max_usd: float | None = None, policy: Any = None, job_id: str | None = None) -> Output:
+                   max_usd: float | None = None, policy: Any = None, job_id: str | None = None,
+                   tenant: TenantBudget | None = None) -> Output:
         job = await self.submit(request, deadline_s=deadline_s or timeout, max_usd=max_usd, policy=policy,
-                                job_id=job_id)
+                                job_id=job_id, tenant=tenant)
         try:
             # The job ends itself at its deadline; the margin only guards against a stuck adapter.
             out = await job.result(None if timeout is None else timeout + 5.0)

@@ -34,12 +34,14 @@ class BudgetFull(BudgetExceeded):
 
 @dataclass(frozen=True)
 class SpendLimit:
-    """A cap on spend: over a rolling window (``window_s``) or for one job (``job_id``)."""
+    """A cap on spend: over a rolling window (``window_s``; None: ever), for one job (``job_id``), or for one
+    tenant's attempts over the window (``tenant``: a gateway API key's daily or monthly budget)."""
 
     label: str
     cap_usd: float
     window_s: float | None = None
     job_id: str | None = None
+    tenant: str | None = None
 
 
 @runtime_checkable
@@ -54,8 +56,9 @@ class LedgerStore(Protocol):
                      reserved_usd: float = 0.0, min_reserved_usd: float | None = None,
                      expires_at: float | None = None, hedge: bool = False, limits: Sequence[SpendLimit] = (),
                      now: float | None = None, wait: bool = True,
-                     provider_job_id: str | None = None) -> tuple[int, float]:
+                     provider_job_id: str | None = None, tenant: str | None = None) -> tuple[int, float]:
         """Check ``limits`` and write the reservation in one transaction; (attempt id, dollars reserved).
+        ``tenant``: whose attempt it is (tenant-scoped limits count it).
 
         Raises ``BudgetExceeded`` (nothing written) when even ``min_reserved_usd`` does not fit, and
         ``LedgerBusy`` with ``wait=False`` when another writer holds the lock."""
@@ -65,7 +68,8 @@ class LedgerStore(Protocol):
                        task: str | None = None, hedge: bool = False, reserved_usd: float = 0.0, started_at: float,
                        provider_job_id: str | None = None, billed_seconds: float | None = None,
                        cost_usd: float = 0.0, cost_estimated: bool = True, error_class: str | None = None,
-                       message: str | None = None, ended_at: float | None = None, unpriced: bool = False) -> None:
+                       message: str | None = None, ended_at: float | None = None, unpriced: bool = False,
+                       tenant: str | None = None) -> None:
         """Write a finished attempt in one go (nothing could bill: no reservation was needed)."""
         ...
 
@@ -73,7 +77,9 @@ class LedgerStore(Protocol):
                       billed_seconds: float | None = None, cost_usd: float = 0.0, cost_estimated: bool = True,
                       error_class: str | None = None, message: str | None = None,
                       ended_at: float | None = None, unpriced: bool = False) -> None:
-        """Settle a reserved attempt with its outcome and what it really cost (``unpriced``: no price row)."""
+        """Settle a reserved attempt with its outcome and what it really cost (``unpriced``: no price row).
+
+        Only a row this store still owns changes: one another process claimed (``claim``) is settled by it."""
         ...
 
     def started(self, attempt_id: int, provider_job_id: str, *, wait: bool = True) -> None:
@@ -101,12 +107,12 @@ class LedgerStore(Protocol):
     def flush(self) -> None: ...
 
     def spent(self, *, window_s: float | None = None, job_id: str | None = None,
-              now: float | None = None) -> float: ...
+              now: float | None = None, tenant: str | None = None) -> float: ...
 
     def total(self) -> float: ...
 
     def attempts(self, *, job_id: str | None = None, provider: str | None = None, since: float | None = None,
-                 limit: int | None = None) -> list[dict[str, Any]]: ...
+                 limit: int | None = None, tenant: str | None = None) -> list[dict[str, Any]]: ...
 
     def summary(self, *, since: float | None = None) -> list[dict[str, Any]]: ...
 

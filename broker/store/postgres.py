@@ -33,14 +33,15 @@ from broker.store.base import OPEN_STATUSES, BudgetFull, LedgerBusy, SpendLimit
 from broker.store.pg_pool import open_pool
 from broker.store.url import StoreURL
 
-# finished attempts (record_attempt's 16 columns, close_attempt's 10), as arrays: one call per batch; the
+# finished attempts (record_attempt's 17 columns, close_attempt's 10), as arrays: one call per batch; the
 # settle changes only rows this store still owns (migration 004)
 _SETTLE_COLUMNS = ", ".join(
     f"%s::{t}[]" for t in ("text", "text", "text", "text", "text", "text", "text", "text", "float8", "float8",
-                           "float8", "int4", "int4", "float8", "float8", "int4",
+                           "float8", "int4", "int4", "float8", "float8", "int4", "text",
                            "text", "text", "float8", "float8", "int4", "text", "text", "float8", "int4", "int8"))
 _SETTLE = f"SELECT broker_settle({_SETTLE_COLUMNS}, %s)"
-_RESERVE_ARGS = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s, %s, %s, %s"
+_RESERVE_ARGS = ("%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::float8[], %s::float8[], %s::text[], %s, %s, %s, %s, "
+                 "%s, %s::text[]")
 _RESERVE = f"SELECT * FROM broker_reserve({_RESERVE_ARGS})"
 _SETTLE_RESERVE = f"SELECT * FROM broker_settle_reserve({_SETTLE_COLUMNS}, {_RESERVE_ARGS})"
 _OPEN = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"  # for SQL: ('reserved', 'running')
@@ -97,13 +98,13 @@ class PostgresLedger:
                      reserved_usd: float = 0.0, min_reserved_usd: float | None = None,
                      expires_at: float | None = None, hedge: bool = False, limits: Sequence[SpendLimit] = (),
                      now: float | None = None, wait: bool = True,
-                     provider_job_id: str | None = None) -> tuple[int, float]:
+                     provider_job_id: str | None = None, tenant: str | None = None) -> tuple[int, float]:
         now = time.time() if now is None else now
         floor = reserved_usd if min_reserved_usd is None else min(min_reserved_usd, reserved_usd)
         args = (job_id, task, provider, hardware, int(hedge), reserved_usd, floor, expires_at, self.owner, now,
                 now - self.owner_timeout_s, [lim.cap_usd for lim in limits],
                 [lim.window_s for lim in limits], [lim.job_id for lim in limits], not wait, os.getpid(), self.host,
-                provider_job_id)
+                provider_job_id, tenant, [lim.tenant for lim in limits])
         with self._flush_lock:
             # our own finished attempts go first, in the same transaction and round trip: they count
             batch = self._take() if limits else None
@@ -133,10 +134,11 @@ class PostgresLedger:
                        task: str | None = None, hedge: bool = False, reserved_usd: float = 0.0, started_at: float,
                        provider_job_id: str | None = None, billed_seconds: float | None = None,
                        cost_usd: float = 0.0, cost_estimated: bool = True, error_class: str | None = None,
-                       message: str | None = None, ended_at: float | None = None, unpriced: bool = False) -> None:
+                       message: str | None = None, ended_at: float | None = None, unpriced: bool = False,
+                       tenant: str | None = None) -> None:
         row = (job_id, task, provider, hardware, provider_job_id, status, error_class, _note(message),
                reserved_usd, billed_seconds, cost_usd, int(cost_estimated), int(hedge), started_at,
-               time.time() if ended_at is None else ended_at, int(unpriced))
+               time.time() if ended_at is None else ended_at, int(unpriced), tenant)
         with self._lock:
             self._pending.append(row)
         self._schedule_flush()
@@ -190,7 +192,7 @@ class PostgresLedger:
             self._pending, self._pending_updates = [], []
         if not (inserts or updates):
             return None
-        columns = [list(c) for c in zip(*inserts, strict=True)] if inserts else [[] for _ in range(16)]
+        columns = [list(c) for c in zip(*inserts, strict=True)] if inserts else [[] for _ in range(17)]
         columns += [list(c) for c in zip(*updates, strict=True)] if updates else [[] for _ in range(10)]
         return inserts, updates, columns
 
@@ -280,13 +282,15 @@ class PostgresLedger:
         return rows
 
     # -- reading ----------------------------------------------------------------------------
-    def spent(self, *, window_s: float | None = None, job_id: str | None = None, now: float | None = None) -> float:
-        """Dollars spent (and still reserved) over the last ``window_s`` seconds, or by one job, or ever."""
+    def spent(self, *, window_s: float | None = None, job_id: str | None = None, now: float | None = None,
+              tenant: str | None = None) -> float:
+        """Dollars spent (and still reserved) over the last ``window_s`` seconds (or ever), by one job, or by one
+        tenant over the window."""
         self._flush_quietly()
         now = time.time() if now is None else now
         with self._pool.connection() as conn:
-            row = conn.execute("SELECT broker_spent(%s, %s, %s, %s)",
-                               (now, now - self.owner_timeout_s, window_s, job_id)).fetchone()
+            row = conn.execute("SELECT broker_spent(%s, %s, %s, %s, %s)",
+                               (now, now - self.owner_timeout_s, window_s, job_id, tenant)).fetchone()
         return float(row[0]) if row else 0.0
 
     def total(self) -> float:
@@ -296,10 +300,10 @@ class PostgresLedger:
         return float(row[0]) if row else 0.0
 
     def attempts(self, *, job_id: str | None = None, provider: str | None = None, since: float | None = None,
-                 limit: int | None = None) -> list[dict[str, Any]]:
+                 limit: int | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
         where: list[sql.Composable] = [sql.SQL("TRUE")]
         args: list[Any] = []
-        for column, value in (("job_id", job_id), ("provider", provider)):
+        for column, value in (("job_id", job_id), ("provider", provider), ("tenant", tenant)):
             if value is not None:
                 where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
                 args.append(value)
