@@ -15,11 +15,11 @@ from broker.errors import (
     InvalidRequest,
     ProviderError,
 )
-from broker.media import SAMPLE_RATE, Audio, AudioChunk, Video
-from broker.types import JobReport, Quote, RenderRequest, Segment, SpeechRequest
 
 if TYPE_CHECKING:
     from broker.generator import Generator, load_generator
+    from broker.media import SAMPLE_RATE, Audio, AudioChunk, Video
+    from broker.types import JobReport, Quote, RenderRequest, Segment, SpeechRequest
     from broker.providers.base import Provider
     from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
@@ -49,7 +49,18 @@ __all__ = [
     "load_generator",
 ]
 
+# Loaded on first use: even numpy and pydantic wait until a name that needs them is touched, so the CLI
+# (and any ``import broker.x``) starts with only what its command imports.
 _LAZY = {
+    "SAMPLE_RATE": "broker.media",
+    "Audio": "broker.media",
+    "AudioChunk": "broker.media",
+    "Video": "broker.media",
+    "JobReport": "broker.types",
+    "Quote": "broker.types",
+    "RenderRequest": "broker.types",
+    "Segment": "broker.types",
+    "SpeechRequest": "broker.types",
     "CloudGPUManager": "broker.routing.manager",
     "Generator": "broker.generator",
     "load_generator": "broker.generator",

@@ -27,3 +27,15 @@ def test_cli_help_loads_no_heavy_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"the CLI pulled in: {out.stdout}"
+
+
+def test_import_broker_alone_waits_for_a_name_before_loading_numpy_or_pydantic() -> None:
+    code = (
+        "import sys, broker\n"
+        "early = [m for m in ('numpy', 'pydantic') if m in sys.modules]\n"
+        "from broker import Audio, SpeechRequest, SAMPLE_RATE\n"
+        "assert SpeechRequest(text='Hi.').text == 'Hi.' and SAMPLE_RATE > 0 and Audio.__name__ == 'Audio'\n"
+        "print(','.join(early))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import broker loaded: {out.stdout}"
