@@ -19,10 +19,10 @@ from broker.errors import (
 if TYPE_CHECKING:
     from broker.generator import Generator, load_generator
     from broker.media import SAMPLE_RATE, Audio, AudioChunk, Video
-    from broker.types import JobReport, Quote, RenderRequest, Segment, SpeechRequest
     from broker.providers.base import Provider
     from broker.routing.manager import CloudGPUManager
     from broker.settings import Settings
+    from broker.types import JobReport, Quote, RenderRequest, Segment, SpeechRequest
 
 __version__ = "0.1.0"
 
