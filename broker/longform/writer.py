@@ -13,6 +13,7 @@ import glob
 import os
 import re
 import tempfile
+import wave
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,9 @@ class AudioWriter:
         self._sf: Any = None
         self._av: Any = None
         try:
-            if container is None:
+            if codec == "WAV":
+                self._sf = _WavSink(self.tmp, sample_rate)
+            elif container is None:
                 import soundfile as sf
 
                 self._sf = sf.SoundFile(self.tmp, "w", sample_rate, 1, subtype="PCM_16", format=codec)
@@ -169,6 +172,23 @@ class AudioWriter:
             return dest
         self.tmp.unlink(missing_ok=True)
         return None
+
+
+class _WavSink:
+    """16-bit mono WAV through the standard library: the same samples libsndfile 1.2 writes (x 32768, floored,
+    clipped to int16), without loading it — most of ``broker speak`` writes a WAV, and start-up counts."""
+
+    def __init__(self, path: Path, sample_rate: int) -> None:
+        self._wav = wave.open(str(path), "wb")  # noqa: SIM115 (closed by close())
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(sample_rate)
+
+    def write(self, data: np.ndarray) -> None:
+        self._wav.writeframes(np.clip(np.floor(data * 32768.0), -32768, 32767).astype("<i2").tobytes())
+
+    def close(self) -> None:
+        self._wav.close()
 
 
 def _usual_mode(path: Path) -> None:

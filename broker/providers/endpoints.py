@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.errors import BrokerError, ConfigurationError, NotConfigured, ProviderNotInstalled, UnknownProvider
 from broker.providers import registry
+from broker.providers.readiness import UNMET
 
 if TYPE_CHECKING:
     from broker.providers.base import Provider
@@ -116,6 +117,10 @@ def _short(exc: BrokerError) -> str:
 
 def _build(name: str, kind: str, config: EndpointOptions | None, settings: Settings) -> EndpointStatus:
     region = getattr(config, "region", None)
+    unmet = UNMET.get(kind)
+    missing = unmet(config, name, {}, True) if unmet is not None and config is not None else None
+    if missing is not None:  # known without importing the adapter (or httpx)
+        return EndpointStatus(name, kind, False, reason=_short(missing), detail=missing.message, region=region)
     try:
         provider = create(name, kind, config, settings)
     except BrokerError as exc:

@@ -29,7 +29,6 @@ from broker.errors import (
     InvalidRequest,
     JobFailed,
     JobLost,
-    NotConfigured,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -38,7 +37,8 @@ from broker.errors import (
 )
 from broker.media import Audio, AudioChunk
 from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
-from broker.settings import HTTPWorkerSettings, Settings, section_label
+from broker.providers.readiness import http_unmet
+from broker.settings import HTTPWorkerSettings, Settings
 from broker.types import DEFAULT_LIMITS, Limits, SpeechRequest
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -412,14 +412,11 @@ class HTTPProvider(Provider):
         """The endpoint ``endpoint`` (``config``: its [endpoints.NAME] table; default: the [http] section)."""
         cfg = config or settings.http
         name = endpoint or cls.name
-        section, env = section_label(name, "http")
+        unmet = http_unmet(cfg, name, overrides)
+        if unmet is not None:
+            raise unmet
         url = overrides.pop("url", cfg.url)
         urls = list(overrides.pop("urls", cfg.urls))
-        if not url and not urls:
-            raise NotConfigured(
-                f"the http endpoint {name!r} needs the worker's address: set {section} url ({env}URL), "
-                f"e.g. http://gpu-box:8000 where `broker worker serve` runs, or {section} urls for a pool", ["url"]
-            )
         kwargs: dict[str, Any] = {
             "urls": urls,
             "api_key": cfg.api_key,

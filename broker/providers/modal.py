@@ -21,12 +21,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import importlib.util
-import os
 import time
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -41,9 +37,7 @@ from broker.errors import (
     JobCancelled,
     JobFailed,
     JobLost,
-    NotConfigured,
     ProviderError,
-    ProviderNotInstalled,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
@@ -51,7 +45,9 @@ from broker.errors import (
 from broker.media import Audio, AudioChunk
 from broker.providers.base import BackgroundJob, Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.providers.http import HTTPJob, HTTPJobClient, encode_job
-from broker.settings import ModalSettings, Settings, section_label
+from broker.providers.readiness import modal_token_configured as token_configured
+from broker.providers.readiness import modal_unmet
+from broker.settings import ModalSettings, Settings
 from broker.types import DEFAULT_LIMITS, Limits
 
 T = TypeVar("T")
@@ -186,25 +182,8 @@ class SDKCalls:
 
 
 def modal_token_configured(settings: Settings | None = None, section: ModalSettings | None = None) -> bool:
-    """True when the SDK has credentials: our settings, MODAL_TOKEN_ID/SECRET, or a profile in ~/.modal.toml.
-
-    Reads files only; never touches the network or imports the SDK.
-    """
-    m = section or (settings.modal if settings is not None else None)
-    if m is not None and m.token_id and m.token_secret:
-        return True
-    if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
-        return True
-    path = Path(os.environ.get("MODAL_CONFIG_PATH") or "~/.modal.toml").expanduser()
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-    profiles = [v for v in data.values() if isinstance(v, dict)]
-    wanted = os.environ.get("MODAL_PROFILE")
-    if wanted:
-        profiles = [data[wanted]] if isinstance(data.get(wanted), dict) else []
-    return any(p.get("token_id") and p.get("token_secret") for p in profiles)
+    """True when the SDK has credentials (see ``readiness.modal_token_configured``)."""
+    return token_configured(section or (settings.modal if settings is not None else None))
 
 
 class ModalJob(Job):
@@ -368,23 +347,13 @@ class ModalProvider(Provider):
         """
         m = config or settings.modal
         name = endpoint or cls.name
-        section, env = section_label(name, "modal")
+        unmet = modal_unmet(m, name, overrides, endpoint is not None)
+        if unmet is not None:
+            raise unmet
         url = overrides.pop("url", m.url)
         proxy_key = overrides.pop("proxy_key", m.proxy_key)
         proxy_secret = overrides.pop("proxy_secret", m.proxy_secret)
         use_http = bool(url and proxy_key and proxy_secret)
-        if endpoint is not None and not url and "app_name" not in m.model_fields_set and "app_name" not in overrides:
-            raise NotConfigured(f"Modal endpoint {name!r} names no app: set {section} app_name ({env}APP_NAME; "
-                                "`broker deploy modal` writes it) or url", ["app"])
-        if not use_http and "lookup" not in overrides:
-            if importlib.util.find_spec("modal") is None:
-                raise ProviderNotInstalled("provider 'modal' needs the modal SDK: pip install 'broker[modal]'")
-            if not modal_token_configured(settings, m):
-                raise NotConfigured(
-                    "Modal has no credentials: run `modal token new` (writes ~/.modal.toml) or set "
-                    f"MODAL_TOKEN_ID and MODAL_TOKEN_SECRET; or set {section} url with a proxy auth token "
-                    f"({env}PROXY_KEY / {env}PROXY_SECRET)", ["Modal token"]
-                )
         kwargs: dict[str, Any] = {
             "app_name": m.app_name,
             "class_name": m.class_name,

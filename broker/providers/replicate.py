@@ -44,7 +44,6 @@ from broker.errors import (
     JobCancelled,
     JobFailed,
     JobLost,
-    NotConfigured,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
@@ -52,7 +51,8 @@ from broker.errors import (
 )
 from broker.media import Audio, AudioChunk, Video
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
-from broker.settings import ReplicateSettings, Settings, section_label
+from broker.providers.readiness import replicate_unmet
+from broker.settings import ReplicateSettings, Settings
 from broker.types import DEFAULT_LIMITS, Limits, SpeechRequest
 
 log = logging.getLogger(__name__)
@@ -269,16 +269,9 @@ class ReplicateProvider(Provider):
         """The endpoint ``endpoint`` (``config``: its [endpoints.NAME] table; default: the [replicate] section)."""
         cfg = config or settings.replicate
         name = endpoint or NAME
-        section, env = section_label(name, "replicate")
-        missing: dict[str, str] = {}
-        if cfg.api_token is None and "api_token" not in overrides:
-            missing["API token"] = "an API token (REPLICATE_API_TOKEN)"
-        if not any(overrides.get(k) or getattr(cfg, k) for k in ("deployment", "model", "version")):
-            missing["deployment"] = (f"a deployment, model or version ({section} deployment or {env}DEPLOYMENT; "
-                                     "`broker deploy replicate` writes it)")
-        if missing:
-            raise NotConfigured(f"Replicate endpoint {name!r} is not configured: it needs "
-                                + " and ".join(missing.values()), list(missing))
+        unmet = replicate_unmet(cfg, name, overrides)
+        if unmet is not None:
+            raise unmet
         kwargs: dict[str, Any] = {
             "api_token": cfg.api_token, "deployment": cfg.deployment, "model": cfg.model, "version": cfg.version,
             "base_url": cfg.base_url, "hardware": cfg.hardware, "queue_timeout_s": cfg.queue_timeout_s,

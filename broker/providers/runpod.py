@@ -37,14 +37,14 @@ from broker.errors import (
     ConfigurationError,
     InvalidRequest,
     JobLost,
-    NotConfigured,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
 )
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, Provider, Request
+from broker.providers.readiness import runpod_unmet
 from broker.providers.runpod_job import RunPodJob, decode_output, runpod_error
-from broker.settings import RunPodSettings, Settings, section_label
+from broker.settings import RunPodSettings, Settings
 from broker.types import DEFAULT_LIMITS, Limits, SpeechRequest
 
 __all__ = ["RunPodJob", "RunPodProvider", "decode_output", "runpod_error"]
@@ -122,16 +122,9 @@ class RunPodProvider(Provider):
         """The endpoint ``endpoint`` (``config``: its [endpoints.NAME] table; default: the [runpod] section)."""
         rp = config or settings.runpod
         name = endpoint or cls.name
-        section, env = section_label(name, "runpod")
-        missing: dict[str, str] = {}
-        if not (overrides.get("endpoint_id") or rp.endpoint_id):
-            missing["endpoint id"] = (f"an endpoint id ({section} endpoint_id or {env}ENDPOINT_ID; "
-                                      "`broker deploy runpod` writes it)")
-        if not (overrides.get("api_key") or rp.api_key):
-            missing["API key"] = "an API key (RUNPOD_API_KEY)"
-        if missing:
-            raise NotConfigured(f"RunPod endpoint {name!r} is not configured: it needs " + " and ".join(
-                missing.values()), list(missing))
+        unmet = runpod_unmet(rp, name, overrides)
+        if unmet is not None:
+            raise unmet
         kwargs: dict[str, Any] = {
             "endpoint_id": rp.endpoint_id,
             "api_key": rp.api_key,
