@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--db", required=True)
     ap.add_argument("--dir", required=True, type=Path)
     ap.add_argument("--ledger", required=True)
+    ap.add_argument("--outputs", type=Path, help="output folder shared with the other replicas")
     ap.add_argument("--port-file", required=True, type=Path)
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -29,7 +30,7 @@ def main() -> None:
     manager = fake_manager(args.dir, fast, ledger_path=args.ledger)
     # Short heartbeats so a killed replica's jobs move within seconds (production defaults are longer).
     app = gateway_app(args.dir, manager, db_url=args.db, concurrency=args.concurrency,
-                      webhook_secret=args.webhook_secret,
+                      webhook_secret=args.webhook_secret, outputs=args.outputs,
                       queue_options={"heartbeat_s": 0.5, "stalled_after_s": 2.0, "sweep_s": 0.5})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -25,10 +25,12 @@ def fake_manager(tmp: Path, *providers: FakeProvider, ledger_path: str | None = 
 
 
 def gateway_app(tmp: Path, manager: CloudGPUManager, *, db_url: str | None = None,
-                queue_options: dict[str, Any] | None = None, **gateway: Any) -> Any:
+                queue_options: dict[str, Any] | None = None, outputs: Path | None = None, **gateway: Any) -> Any:
+    """``outputs``: the output folder (default ``tmp/outputs``); replicas share one, as they share a bucket."""
     settings = Settings(ledger={"path": str(tmp / "ledger.sqlite")}, gateway={"lease_s": 3.0, **gateway})
     return build_app(settings, manager, db_url=db_url or f"sqlite:///{tmp / 'gateway.sqlite'}",
-                     outputs=DirectoryOutputs(tmp / "outputs"), host="127.0.0.1", queue_options=queue_options)
+                     outputs=DirectoryOutputs(outputs or tmp / "outputs"), host="127.0.0.1",
+                     queue_options=queue_options)
 
 
 def wait_state(client: httpx.Client, job_id: str, states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),

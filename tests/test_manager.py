@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from broker.errors import AllProvidersFailed, InvalidRequest
+from broker.errors import AllProvidersFailed, InvalidRequest, JobFailed
 from broker.media import Audio, Video
 from broker.providers.base import JobState
 from broker.routing.manager import CloudGPUManager, ManagedJob
@@ -53,6 +53,34 @@ async def test_cheapest_healthy_provider_is_used_and_reported() -> None:
     (row,) = m.ledger.attempts()
     assert row["provider"] == "cheap" and row["status"] == "succeeded" and row["provider_job_id"]
     assert row["cost_usd"] == pytest.approx(out.report.cost_usd)
+
+
+async def test_the_output_sink_runs_before_the_attempt_is_settled() -> None:
+    fast = FakeProvider("fast", usd_per_second=0.001)
+    m = manager(fast)
+    seen: list[tuple[Audio | Video, list[str]]] = []
+
+    async def keep(out: Audio | Video) -> None:
+        seen.append((out, [r["status"] for r in m.ledger.attempts(job_id="j1")]))
+
+    out = await m.arun(SpeechRequest(text=TEXT), job_id="j1", on_output=keep)
+    assert len(seen) == 1 and seen[0][0] is out
+    assert seen[0][1] == ["running"]  # open (write-ahead) while the output is kept; settled after
+    assert [r["status"] for r in m.ledger.attempts(job_id="j1")] == ["succeeded"]
+
+
+async def test_a_failing_output_sink_ends_the_job_with_no_retry_or_failover() -> None:
+    cheap, dear = FakeProvider("cheap", usd_per_second=0.001), FakeProvider("dear", usd_per_second=0.01)
+    m = manager(cheap, dear)
+
+    async def keep(out: Audio | Video) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(JobFailed, match="disk full"):
+        await m.arun(SpeechRequest(text=TEXT), job_id="j2", on_output=keep)
+    assert cheap.submits == 1 and dear.submits == 0  # the work was done: nobody else is paid to redo it
+    assert [(r["provider"], r["status"]) for r in m.ledger.attempts(job_id="j2")] == [("cheap", "succeeded")]
+    assert outcomes(m) == [("cheap", "succeeded", None)]
 
 
 async def test_a_policy_value_changes_the_choice() -> None:

@@ -2,8 +2,10 @@
 
 A row is created when ``POST /v1/jobs`` accepts a job (state ``queued``), claimed by the replica that runs
 it (a lease with an owner and an expiry, so a replica killed mid-job loses the claim and another picks the
-job up), and finished with its output, cost and attempts. ``Idempotency-Key`` is unique per tenant: the
-same key with the same body returns the first job; with a different body it is refused.
+job up), given its output the moment the provider has returned it (``keep_output``, so a job whose replica
+dies after that is finished by the next one, not run and billed again), and finished with its cost and
+attempts. ``Idempotency-Key`` is unique per tenant: the same key with the same body returns the first job;
+with a different body it is refused.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class JobRow:
             "cost_usd": round(self.cost_usd, 8), "provider": self.provider, "attempts": self.attempts,
             "error": self.error, "created_at": self.created_at, "started_at": self.started_at,
             "finished_at": self.finished_at,
-            "output": None if self.output_key is None else {
+            # a running job's kept output is shown once the job has been recorded as succeeded
+            "output": None if self.output_key is None or self.state != "succeeded" else {
                 "url": f"/v1/jobs/{self.id}/output", "mime": self.output_mime, "bytes": self.output_bytes},
         }
 
@@ -208,6 +211,17 @@ class JobStore:
             changed = await self.db.execute(
                 "UPDATE gateway_jobs SET lease_until = ?, updated_at = ?, progress = ? WHERE id = ?"
                 " AND lease_owner = ? AND state = 'running'", (now + lease_s, now, progress, job_id, owner))
+        return bool(changed)
+
+    async def keep_output(self, job_id: str, owner: str, *, output_key: str, output_mime: str,
+                          output_bytes: int) -> bool:
+        """Record a running job's stored output the moment it exists, before the ledger settles the attempt
+        that made it: a replica that claims the job after this one died finishes it from here instead of
+        running (and paying for) it again. Only while this replica holds the job."""
+        changed = await self.db.execute(
+            "UPDATE gateway_jobs SET output_key = ?, output_mime = ?, output_bytes = ?, updated_at = ?"
+            " WHERE id = ? AND lease_owner = ? AND state = 'running'",
+            (output_key, output_mime, output_bytes, time.time(), job_id, owner))
         return bool(changed)
 
     async def finish(self, job_id: str, owner: str, *, state: str, cost_usd: float, provider: str | None,

@@ -4,7 +4,9 @@ Whichever replica runs a job holds a lease on its row and renews it while the jo
 fails means the job was cancelled (``DELETE``) or taken over: the manager's job is cancelled at once,
 which cancels it at the provider. A replica that dies stops renewing; once the lease lapses another
 replica may claim the job and run it again — the ledger shows the abandoned attempt, and for long work
-the journal makes the rerun redo only missing pieces.
+the journal makes the rerun redo only missing pieces. The output is stored and recorded on the row
+before the ledger settles the attempt that made it (the manager's ``on_output`` sink), so a job that
+was finished and billed is never run again: the replica that claims it finishes it from the kept output.
 """
 
 from __future__ import annotations
@@ -145,24 +147,39 @@ class JobRunner:
         keeper = asyncio.create_task(self._keep_lease(job.id, task))
         report = None
         try:
-            request = decode_job_request(body)
-            tenant = await self._budget_of(job.tenant)
-            if isinstance(request, LongRequest):
-                await self._run_long(job, request, options, tenant)
-                return
-            run = asyncio.ensure_future(self.manager.arun(
-                request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id,
-                tenant=tenant))
-            try:
-                out = await run
-            finally:
-                report = getattr(self.manager, "last_report", None)
-            key, mime, data = self._encode(job.id, out, options)
-            self.outputs.put(key, data, mime)
-            report = out.report or report
-            await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=_cost(report),
-                                   provider=report.provider if report else None, attempts=_attempts(report),
-                                   output_key=key, output_mime=mime, output_bytes=len(data))
+            if job.output_key is not None:
+                # The replica that ran this job kept its output and died before recording the end: the
+                # provider's work is done and billed, so finish the job from what was kept.
+                await self._finish_kept(job)
+            else:
+                request = decode_job_request(body)
+                tenant = await self._budget_of(job.tenant)
+                if isinstance(request, LongRequest):
+                    await self._run_long(job, request, options, tenant)
+                    return
+                kept: list[tuple[str, str, int]] = []
+
+                async def keep(out: Audio | Video) -> None:
+                    """Store the output and record it on the row before the manager settles the attempt."""
+                    if kept:
+                        return  # a hedge that finished too: the first output is the job's
+                    kept.append(self._store(job.id, out, options))
+                    key, mime, size = kept[0]
+                    await self.jobs.keep_output(job.id, self.owner, output_key=key, output_mime=mime,
+                                                output_bytes=size)
+
+                run = asyncio.ensure_future(self.manager.arun(
+                    request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id,
+                    tenant=tenant, on_output=keep))
+                try:
+                    out = await run
+                finally:
+                    report = getattr(self.manager, "last_report", None)
+                key, mime, size = kept[0] if kept else self._store(job.id, out, options)
+                report = out.report or report
+                await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=_cost(report),
+                                       provider=report.provider if report else None, attempts=_attempts(report),
+                                       output_key=key, output_mime=mime, output_bytes=size)
         except asyncio.CancelledError:
             if keeper.done() and isinstance(keeper.exception(), LeaseLost):
                 log.info("job %s: cancelled or taken over; stopped", job.id)
@@ -238,6 +255,30 @@ class JobRunner:
                                attempts=[{"pieces": result.pieces, "pieces_run": result.pieces_run,
                                           "pieces_reused": result.pieces_reused, "providers": result.providers}],
                                output_key=key, output_mime=LONG_FORMATS[fmt], output_bytes=size)
+
+    def _store(self, job_id: str, out: Audio | Video, options: dict[str, Any]) -> tuple[str, str, int]:
+        """Encode ``out`` and put it in the output store; returns (key, mime, bytes)."""
+        key, mime, data = self._encode(job_id, out, options)
+        self.outputs.put(key, data, mime)
+        return key, mime, len(data)
+
+    async def _finish_kept(self, job: JobRow) -> None:
+        """Finish a job whose output an earlier run kept; its cost and attempts come from the ledger (that
+        run's report died with its replica). An attempt the dead replica had not settled yet shows as
+        running at $0 until the ledger's reconciler settles it."""
+        ledger = getattr(self.manager, "ledger", None)
+        rows = [] if ledger is None else await asyncio.to_thread(ledger.attempts, job_id=job.id)
+        # the attempt that made the output: settled, or still open if its replica died before the settle landed
+        billed = [r for r in rows if r["status"] == "succeeded"] or [r for r in rows if r["provider_job_id"]]
+        attempts = [{"provider": r["provider"], "outcome": r["status"],
+                     "seconds": round(max(0.0, (r["ended_at"] or r["started_at"]) - r["started_at"]), 4),
+                     "cost_usd": round(r["cost_usd"] or 0.0, 8), "error_class": r["error_class"],
+                     "message": r["message"]} for r in rows]
+        log.info("job %s: its output was kept by an earlier run; finished without running it again", job.id)
+        await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=sum(a["cost_usd"] for a in attempts),
+                               provider=billed[-1]["provider"] if billed else None, attempts=attempts,
+                               output_key=job.output_key, output_mime=job.output_mime,
+                               output_bytes=job.output_bytes)
 
     def _encode(self, job_id: str, out: Audio | Video, options: dict[str, Any]) -> tuple[str, str, bytes]:
         if isinstance(out, Video):

@@ -47,6 +47,11 @@ class CircuitOpen(ProviderUnavailable):
     retryable = False
 
 
+class OutputNotKept(Exception):
+    """The job's output sink raised. Not a ``BrokerError``: the manager neither retries nor fails over
+    (another provider would bill for work that is done); the job ends failed."""
+
+
 class ProviderRun:
     """Every try at one provider for one job."""
 
@@ -173,8 +178,26 @@ class ProviderRun:
             finally:
                 self._close(reservation, job, "cancelled", None, started_wall, t0, permit)
             raise
-        self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
+        await self._succeeded(out, reservation, job, started_wall, t0, permit)
         return out
+
+    async def _succeeded(self, out: Output, reservation: Reservation, job: Job | None, started_wall: float,
+                         t0: float, permit: Permit) -> None:
+        """Hand the output to the job's sink (when it has one), then settle the attempt as succeeded.
+
+        The sink comes first so that a caller who persists the output there never has an attempt
+        settled as billed whose output died with the process. A process that dies after the sink but
+        before the settle reaches the ledger leaves the attempt open (its write-ahead row names the
+        provider's job) for the reconciler to settle. The attempt is settled as succeeded whatever the
+        sink does: the provider finished the job and billed it."""
+        sink = self.job.on_output
+        try:
+            if sink is not None:
+                await sink(out)
+        except Exception as exc:
+            raise OutputNotKept(f"{self.name}: the job's output sink failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
 
     async def _watch(self, job: Job, t0: float, reservation: Reservation) -> Output:
         """Wait for ``job`` to finish, cancelling it if it sits queued past the provider's queue timeout,
@@ -369,7 +392,7 @@ class ProviderRun:
                     await closer()
                 except Exception:  # the provider's stream is being abandoned anyway
                     pass
-        self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
+        await self._succeeded(joined, reservation, job, started_wall, t0, permit)
         j.streamed = joined
         yield AudioChunk.end(len(pieces), joined.sample_rate)
 

@@ -6,9 +6,10 @@ imports ``attempt``): the manager and its job satisfy these structurally.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from broker.media import Audio
+from broker.media import Audio, Video
 from broker.money.budget import Accountant, TenantBudget
 from broker.money.pricing import Catalog
 from broker.providers.base import Request
@@ -17,6 +18,12 @@ from broker.routing.reconcile import Reconciler
 from broker.routing.retry import RetryRules
 from broker.settings import Settings
 from broker.types import Attempt, JobReport
+
+#: Called with a job's output once the provider has returned it and it has passed validation, before the
+#: attempt is settled as succeeded in the ledger: a caller that persists the output here never has a job
+#: that was finished and billed but whose output was lost (it need not run that job again). Whatever it
+#: raises ends the job without a retry or a failover — the provider's work is done and billed.
+OutputSink = Callable[[Audio | Video], Awaitable[None]]
 
 
 class Router(Protocol):
@@ -36,6 +43,7 @@ class RoutedJob(Protocol):
     max_usd: float | None
     tenant: TenantBudget | None
     streamed: Audio | None
+    on_output: OutputSink | None
 
     def remaining(self) -> float: ...
 

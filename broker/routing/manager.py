@@ -29,6 +29,7 @@ from broker.money.pricing import WARM_P_COLD, Catalog, PriceRow
 from broker.providers import endpoints
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
 from broker.routing.attempt import ProviderRun
+from broker.routing.context import OutputSink
 from broker.routing.health import BreakerConfig, HealthBoard
 from broker.routing.policy import Candidate, DropOverBudget, DropUnpriced, Policy, RankContext, Ranking, as_policy
 from broker.routing.reconcile import Reconciler
@@ -53,7 +54,7 @@ class ManagedJob(Job):
     def __init__(self, manager: CloudGPUManager, request: Request, stream: bool, *,
                  deadline_s: float | None = None, max_usd: float | None = None, policy: Any = None,
                  prefer: Sequence[str] = (), avoid: Sequence[str] = (), job_id: str | None = None,
-                 tenant: TenantBudget | None = None) -> None:
+                 tenant: TenantBudget | None = None, on_output: OutputSink | None = None) -> None:
         super().__init__(manager.name, job_id or uuid.uuid4().hex, request)
         self.report = JobReport(job_id=self.id, task=request.task)
         self.max_usd = max_usd
@@ -66,6 +67,7 @@ class ManagedJob(Job):
         self._t0 = time.monotonic()
         self.deadline = self._t0 + self.deadline_s
         self.streamed: Audio | None = None
+        self.on_output = on_output
         self._manager = manager
         self._stream = stream
         self._tried: set[str] = set()
@@ -480,12 +482,14 @@ class CloudGPUManager(Provider):
     async def submit(self, request: Request, *, stream: bool = False, deadline_s: float | None = None,
                      max_usd: float | None = None, policy: Any = None, job_id: str | None = None,
                      prefer: Sequence[str] = (), avoid: Sequence[str] = (),
-                     tenant: TenantBudget | None = None) -> Job:
+                     tenant: TenantBudget | None = None, on_output: OutputSink | None = None) -> Job:
         """Accept ``request``; ``job_id`` names the job in the ledger and the report (a caller's own id).
         ``tenant``: whose job it is; its attempts are the tenant's in the ledger, under its budgets too.
 
         ``prefer``: endpoint names tried first, in that order; ``avoid``: tried only after the rest
-        (both soft: ranking, budgets and failover still apply; long jobs use them to spread pieces)."""
+        (both soft: ranking, budgets and failover still apply; long jobs use them to spread pieces).
+        ``on_output``: awaited with the output before the attempt that made it is settled (see
+        ``broker.routing.context.OutputSink``); the gateway keeps the output there."""
         request.check_limits(self.settings.limits)
         self.reconciler.kick()  # settle what a dead process left open (in the background, once)
         if not any(self.supports(p, request) is None for p in self.all_providers):
@@ -493,13 +497,13 @@ class CloudGPUManager(Provider):
             raise AllProvidersFailed(f"no configured provider can run this {request.task} job"
                                      + (f" ({reasons})" if reasons else ""))
         return ManagedJob(self, request, stream, deadline_s=deadline_s, max_usd=max_usd, policy=policy,
-                          job_id=job_id, prefer=prefer, avoid=avoid, tenant=tenant)
+                          job_id=job_id, prefer=prefer, avoid=avoid, tenant=tenant, on_output=on_output)
 
     async def arun(self, request: Request, *, timeout: float | None = None, deadline_s: float | None = None,
                    max_usd: float | None = None, policy: Any = None, job_id: str | None = None,
-                   tenant: TenantBudget | None = None) -> Output:
+                   tenant: TenantBudget | None = None, on_output: OutputSink | None = None) -> Output:
         job = await self.submit(request, deadline_s=deadline_s or timeout, max_usd=max_usd, policy=policy,
-                                job_id=job_id, tenant=tenant)
+                                job_id=job_id, tenant=tenant, on_output=on_output)
         try:
             # The job ends itself at its deadline; the margin only guards against a stuck adapter.
             out = await job.result(None if timeout is None else timeout + 5.0)
