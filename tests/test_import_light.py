@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("torch", "runpod", "modal", "replicate", "cog", "piper", "transformers", "av", "cv2", "onnxruntime")
 
@@ -39,3 +41,19 @@ def test_import_broker_alone_waits_for_a_name_before_loading_numpy_or_pydantic()
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"import broker loaded: {out.stdout}"
+
+
+def test_routing_with_nothing_configured_imports_no_adapter() -> None:
+    # an endpoint that lacks what it needs is known to be unconfigured without importing its adapter
+    code = (
+        "import sys, os\n"
+        "from broker.providers.endpoints import resolve\n"
+        "from broker.settings import Settings\n"
+        "resolve(Settings())\n"
+        "print(','.join(m for m in ('httpx', 'broker.providers.runpod', 'broker.providers.replicate', "
+        "'broker.providers.modal', 'broker.providers.http') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "RUNPOD_", "REPLICATE_", "MODAL_"))}
+    env["BROKER_CONFIG"] = str(Path(__file__).parent / "data" / "empty.toml")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "", f"routing imported: {out.stdout}"

@@ -118,7 +118,8 @@ def _short(exc: BrokerError) -> str:
 def _build(name: str, kind: str, config: EndpointOptions | None, settings: Settings) -> EndpointStatus:
     region = getattr(config, "region", None)
     unmet = UNMET.get(kind)
-    missing = unmet(config, name, {}, True) if unmet is not None and config is not None else None
+    # an adapter that cannot be imported says so (its install hint) ahead of what its settings lack
+    missing = unmet(config, name, {}, True) if unmet and config is not None and registry.installed(kind) else None
     if missing is not None:  # known without importing the adapter (or httpx)
         return EndpointStatus(name, kind, False, reason=_short(missing), detail=missing.message, region=region)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ class Entry:
     path: str
     hint: str
     description: str
+    #: modules the adapter imports at its top (checked without importing them: ``installed``)
+    requires: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, Entry] = {
@@ -38,21 +41,25 @@ REGISTRY: dict[str, Entry] = {
         "broker.providers.runpod:RunPodProvider",
         "pip install 'broker[runpod]'",
         "RunPod serverless endpoint (queue API)",
+        ("httpx",),
     ),
     "modal": Entry(
         "broker.providers.modal:ModalProvider",
         "pip install 'broker[modal]'",
         "Modal app (SDK or its HTTPS endpoint)",
+        ("httpx",),
     ),
     "replicate": Entry(
         "broker.providers.replicate:ReplicateProvider",
         "pip install 'broker[replicate]'",
         "Replicate deployment, model or version",
+        ("httpx",),
     ),
     "http": Entry(
         "broker.providers.http:HTTPProvider",
         "pip install broker",
         "a self-hosted `broker worker serve` over HTTP",
+        ("httpx",),
     ),
 }
 
@@ -84,6 +91,15 @@ def entry(name: str) -> Entry:
         return table[name]
     except KeyError:
         raise UnknownProvider(f"unknown provider kind {name!r}; known: {', '.join(sorted(table))}") from None
+
+
+def installed(name: str) -> bool:
+    """Could the adapter of kind ``name`` be imported? Asked of the import system, importing nothing."""
+    e = entry(name)
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in (e.path.partition(":")[0], *e.requires))
+    except (ImportError, ValueError):  # a parent package that fails, or a module marked missing
+        return False
 
 
 def provider_class(name: str) -> type[Provider]:
