@@ -95,9 +95,10 @@ def test_a_v1_ledger_upgrades_in_place(tmp_path: Path) -> None:
     db.close()
     for _ in range(2):  # the upgrade is idempotent
         ledger = Ledger(path)
-        assert ledger._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        assert ledger._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
         (old,) = ledger.attempts()
         assert old["cost_usd"] == 0.05 and old["owner_pid"] is None and old["unpriced"] == 0
+        assert old["tenant"] is None  # v3: attempts carry their tenant
         ledger.close()
 
 
