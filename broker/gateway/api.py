@@ -22,9 +22,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from broker.errors import BrokerError, InvalidRequest
 from broker.gateway import metrics
 from broker.gateway.jobs import STATES, IdempotencyConflict, JobStore
+from broker.gateway.media import MediaUrls
 from broker.gateway.outputs import OutputStore
 from broker.gateway.queues import JobQueue
-from broker.gateway.runner import AUDIO_FORMATS, LONG_FORMATS, JobRunner, LongRequest, decode_job_request
+from broker.gateway.runner import AUDIO_FORMATS, LONG_FORMATS, JobRunner, LongRequest
 from broker.gateway.tenants import OPEN_TENANT, KeyStore, Tenant
 from broker.money.budget import DAY_S, MONTH_S
 
@@ -81,6 +82,8 @@ class Gateway:
     max_body_bytes: int = 32 * 1024 * 1024
     #: no keys configured and bound to loopback: every caller is the one local tenant
     open_access: bool = True
+    #: fetches media given by URL when a job is accepted (default rules: https, public addresses)
+    media: MediaUrls = field(default_factory=MediaUrls)
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -200,22 +203,24 @@ def create_app(gw: Gateway) -> FastAPI:
     async def create_job(request: Request) -> Response:
         tenant = await authenticate(gw, request)
         body = await parse_job_body(gw, request)
-        req = decode_job_request(body)
-        check_options(body)
-        if not isinstance(req, LongRequest):  # a book's limit is per piece, checked as it is split
-            req.check_limits(gw.manager.settings.limits)
-        if tenant.rate_per_minute is not None:
+        if tenant.rate_per_minute is not None:  # before any media URL is fetched on its behalf
             recent = await gw.jobs.created_since(tenant.id, time.time() - 60.0)
             if recent >= tenant.rate_per_minute:
                 raise HTTPError(429, "RateLimited", f"over {tenant.rate_per_minute} jobs a minute",
                                 headers={"Retry-After": "60"})
+        # Media URLs are fetched now, while the caller waits, and the bytes stored with the job (why:
+        # broker.gateway.media); the idempotency hash is of the body as sent, URLs and all.
+        req, stored = await gw.media.decode(body)
+        check_options(body)
+        if not isinstance(req, LongRequest):  # a book's limit is per piece, checked as it is split
+            req.check_limits(gw.manager.settings.limits)
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise HTTPError(422, "InvalidRequest", "must be 1..255 characters", field="Idempotency-Key")
         try:
             job, created = await gw.jobs.create(
-                tenant=tenant.id, kind=body["kind"], request=body,
+                tenant=tenant.id, kind=body["kind"], request=stored,
                 body_hash=hashlib.sha256(canonical.encode()).hexdigest(), idempotency_key=key,
                 webhook_url=body.get("webhook_url"))
         except IdempotencyConflict:
@@ -318,7 +323,7 @@ def create_app(gw: Gateway) -> FastAPI:
     async def quote(request: Request) -> Response:
         await authenticate(gw, request)
         body = await parse_job_body(gw, request)
-        req = decode_job_request(body)
+        req, _ = await gw.media.decode(body)  # a render's price depends on its audio's length
         check_options(body)
         options = body.get("options") or {}
         if isinstance(req, LongRequest):

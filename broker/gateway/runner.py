@@ -46,8 +46,11 @@ class LeaseLost(Exception):
     """The job was cancelled or another replica holds it now."""
 
 
-def decode_job_request(body: dict[str, Any]) -> Any:
-    """The broker request inside a job body (raises ``InvalidRequest`` naming the field)."""
+def decode_job_request(body: dict[str, Any], *, fetch: Any = None) -> Any:
+    """The broker request inside a job body (raises ``InvalidRequest`` naming the field).
+
+    ``fetch(url) -> bytes`` fetches media given by URL; without one (a job being run: its media was
+    fetched when it was accepted, see ``broker.gateway.media``) a URL is refused."""
     kind = body.get("kind")
     if kind not in KINDS:
         raise InvalidRequest("kind", f"must be one of {', '.join(KINDS)}; got {kind!r} (a job looks like "
@@ -58,7 +61,7 @@ def decode_job_request(body: dict[str, Any]) -> Any:
                              f"{json.dumps(JOB_SHAPE)}")
     if kind == "long_speech":
         return decode_long_request(inp)
-    return wire.decode_request({"v": wire.WIRE_VERSION, "task": kind, "input": inp})
+    return wire.decode_request({"v": wire.WIRE_VERSION, "task": kind, "input": inp}, fetch=fetch)
 
 
 @dataclass
