@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
 from broker.errors import BrokerError, InvalidRequest
 from broker.gateway import metrics
@@ -260,7 +261,9 @@ def create_app(gw: Gateway) -> FastAPI:
         if job.state == "cancelled":
             raise HTTPError(410, "JobCancelled", "the job was cancelled and its output deleted")
         if job.state == "succeeded":
-            return _output_response(gw, job.output_key or "", job.output_mime or "application/octet-stream")
+            if not job.output_key:  # DELETE on a finished job removes its output and keeps the record
+                raise HTTPError(410, "Gone", "the output was deleted")
+            return await _output_response(gw, job.output_key, job.output_mime or "application/octet-stream")
         return StreamingResponse(_follow(gw, job_id), media_type=_guess_mime(job.request))
 
     @app.get("/v1/jobs")
@@ -284,7 +287,7 @@ def create_app(gw: Gateway) -> FastAPI:
         if job is None:
             raise HTTPError(404, "NotFound", f"no job {job_id}")
         if job.output_key:
-            gw.outputs.delete(job.output_key)
+            await asyncio.to_thread(gw.outputs.delete, job.output_key)
             await gw.jobs.drop_output(job.id)
         job = await gw.jobs.get(job_id, tenant.id)
         assert job is not None
@@ -390,10 +393,13 @@ def _book_forecast(manager: Any, req: LongRequest) -> dict[str, Any]:
         journal.close()
 
 
-def _output_response(gw: Gateway, key: str, mime: str) -> Response:
+async def _output_response(gw: Gateway, key: str, mime: str) -> Response:
+    # The first chunk is read before answering, so a missing output is a 410, not a broken 200. Store
+    # calls block (a bucket is a network round trip): they run in a thread (StreamingResponse runs a
+    # plain iterator in one too).
+    it = gw.outputs.open_iter(key)
     try:
-        it = gw.outputs.open_iter(key)
-        first = next(it, b"")
+        first = await asyncio.to_thread(next, it, b"")
     except (FileNotFoundError, KeyError):
         raise HTTPError(410, "Gone", "the output was deleted") from None
 
@@ -419,7 +425,7 @@ async def _follow(gw: Gateway, job_id: str, poll_s: float = 0.2) -> Any:
             return
         if job.state == "succeeded" and job.output_key:
             skip = sent  # the partial file already gave these (outputs are written front to back)
-            for chunk in gw.outputs.open_iter(job.output_key):
+            async for chunk in iterate_in_threadpool(gw.outputs.open_iter(job.output_key)):
                 if skip >= len(chunk):
                     skip -= len(chunk)
                     continue

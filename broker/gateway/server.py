@@ -43,7 +43,9 @@ def is_loopback(host: str) -> bool:
 def output_store(settings: Settings) -> OutputStore:
     g = settings.gateway
     if g.s3_bucket:
-        return S3Outputs(g.s3_bucket, prefix=g.s3_prefix, endpoint_url=g.s3_endpoint_url)
+        secret = g.s3_secret_access_key.get_secret_value() if g.s3_secret_access_key else None
+        return S3Outputs(g.s3_bucket, prefix=g.s3_prefix, endpoint_url=g.s3_endpoint_url, region=g.s3_region,
+                         access_key_id=g.s3_access_key_id, secret_access_key=secret)
     return DirectoryOutputs(g.output_dir)
 
 
