@@ -9,6 +9,7 @@ and are ``SecretStr``: they never print in reprs, logs or errors.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     SerializeAsAny,
     ValidationError,
@@ -25,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -52,8 +55,8 @@ from broker.types import Limits
 
 __all__ = [
     "KIND_SETTINGS", "NAME_PATTERN", "SECTION_KINDS", "CommaList", "EndpointOptions", "EngineSettings",
-    "HTTPWorkerSettings", "LedgerSettings", "LocalMode", "LocalSettings", "ManagerSettings", "ModalSettings",
-    "OptionalCommaList", "PluginEndpointSettings", "ReplicateSettings", "RunPodSettings", "Settings",
+    "HTTPWorkerSettings", "LedgerSettings", "LocalMode", "LocalSettings", "ManagerSettings", "MediaFetchSettings",
+    "ModalSettings", "OptionalCommaList", "PluginEndpointSettings", "ReplicateSettings", "RunPodSettings", "Settings",
     "config_path", "load", "name_list", "section_label",
 ]
 
@@ -303,15 +306,45 @@ class ManagerSettings(BaseModel):
         return "ranked" if listed else "off"  # the old meaning: local competes if listed, else is not used
 
 
-class WorkerSettings(BaseModel):
-    """The worker side (`broker worker serve` and every handler): what a job may make it fetch."""
+class MediaFetchSettings(BaseModel):
+    """What a job's media URLs may make this process fetch (``broker.worker.fetch.FetchPolicy``).
 
-    #: fetch media URLs on loopback/private/link-local addresses (a worker inside a private network)
+    The default is https on public addresses only: whoever submits a job chooses the URL, so loopback,
+    private and link-local addresses (a cloud's metadata service) are refused unless named here.
+    """
+
+    #: fetch media URLs on any loopback/private/link-local address (a process inside a private network)
     allow_private_urls: bool = False
     #: fetch plain-http media URLs too (default: https only)
     allow_http_urls: bool = False
+    #: host names (or address literals) fetched whatever they resolve to: `["media.internal"]`
+    allow_hosts: CommaList = Field(default_factory=list)
+    #: non-public networks fetched from, narrower than allow_private_urls: `["10.20.0.0/16"]`
+    allow_networks: Annotated[list[IPvAnyNetwork], NoDecode, BeforeValidator(name_list)] = Field(
+        default_factory=list)
     fetch_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     fetch_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        hosts = [h.strip().lower().strip("[]") for h in value if h.strip()]
+        for host in hosts:
+            if "/" in host or (":" in host and not _is_address(host)):
+                raise ValueError(f"{host!r} is not a host name (no scheme, port or path)")
+        return hosts
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class WorkerSettings(MediaFetchSettings):
+    """The worker side (`broker worker serve` and every handler): what a job may make it fetch."""
 
 
 class LedgerSettings(BaseModel):
@@ -342,6 +375,12 @@ class GatewaySettings(BaseModel):
     s3_bucket: str | None = None
     s3_prefix: str = ""
     s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    #: the bucket's own keys (MinIO, R2); unset: boto3's usual chain (AWS_* variables, profiles, roles)
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    #: media URLs in a job body, fetched when the job is accepted (the same rules as ``[worker]``'s)
+    fetch: MediaFetchSettings = Field(default_factory=MediaFetchSettings)
     #: jobs this replica runs at once
     concurrency: int = Field(default=4, ge=1, le=256)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
@@ -350,6 +389,12 @@ class GatewaySettings(BaseModel):
     #: signs completion webhooks of the open (keyless) tenant; keyed tenants get their own secret
     webhook_secret: SecretStr | None = None
     webhook_attempts: int = Field(default=6, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _s3_keys_in_pairs(self) -> GatewaySettings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("gateway.s3_access_key_id and s3_secret_access_key go together (or set neither)")
+        return self
 
 
 _ENV_SECRETS = {

@@ -18,13 +18,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
 from broker.errors import BrokerError, InvalidRequest
 from broker.gateway import metrics
 from broker.gateway.jobs import STATES, IdempotencyConflict, JobStore
+from broker.gateway.media import MediaUrls
 from broker.gateway.outputs import OutputStore
 from broker.gateway.queues import JobQueue
-from broker.gateway.runner import AUDIO_FORMATS, LONG_FORMATS, JobRunner, LongRequest, decode_job_request
+from broker.gateway.runner import AUDIO_FORMATS, LONG_FORMATS, JobRunner, LongRequest
 from broker.gateway.tenants import OPEN_TENANT, KeyStore, Tenant
 from broker.money.budget import DAY_S, MONTH_S
 
@@ -81,6 +83,8 @@ class Gateway:
     max_body_bytes: int = 32 * 1024 * 1024
     #: no keys configured and bound to loopback: every caller is the one local tenant
     open_access: bool = True
+    #: fetches media given by URL when a job is accepted (default rules: https, public addresses)
+    media: MediaUrls = field(default_factory=MediaUrls)
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -200,22 +204,24 @@ def create_app(gw: Gateway) -> FastAPI:
     async def create_job(request: Request) -> Response:
         tenant = await authenticate(gw, request)
         body = await parse_job_body(gw, request)
-        req = decode_job_request(body)
-        check_options(body)
-        if not isinstance(req, LongRequest):  # a book's limit is per piece, checked as it is split
-            req.check_limits(gw.manager.settings.limits)
-        if tenant.rate_per_minute is not None:
+        if tenant.rate_per_minute is not None:  # before any media URL is fetched on its behalf
             recent = await gw.jobs.created_since(tenant.id, time.time() - 60.0)
             if recent >= tenant.rate_per_minute:
                 raise HTTPError(429, "RateLimited", f"over {tenant.rate_per_minute} jobs a minute",
                                 headers={"Retry-After": "60"})
+        # Media URLs are fetched now, while the caller waits, and the bytes stored with the job (why:
+        # broker.gateway.media); the idempotency hash is of the body as sent, URLs and all.
+        req, stored = await gw.media.decode(body)
+        check_options(body)
+        if not isinstance(req, LongRequest):  # a book's limit is per piece, checked as it is split
+            req.check_limits(gw.manager.settings.limits)
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise HTTPError(422, "InvalidRequest", "must be 1..255 characters", field="Idempotency-Key")
         try:
             job, created = await gw.jobs.create(
-                tenant=tenant.id, kind=body["kind"], request=body,
+                tenant=tenant.id, kind=body["kind"], request=stored,
                 body_hash=hashlib.sha256(canonical.encode()).hexdigest(), idempotency_key=key,
                 webhook_url=body.get("webhook_url"))
         except IdempotencyConflict:
@@ -255,7 +261,9 @@ def create_app(gw: Gateway) -> FastAPI:
         if job.state == "cancelled":
             raise HTTPError(410, "JobCancelled", "the job was cancelled and its output deleted")
         if job.state == "succeeded":
-            return _output_response(gw, job.output_key or "", job.output_mime or "application/octet-stream")
+            if not job.output_key:  # DELETE on a finished job removes its output and keeps the record
+                raise HTTPError(410, "Gone", "the output was deleted")
+            return await _output_response(gw, job.output_key, job.output_mime or "application/octet-stream")
         return StreamingResponse(_follow(gw, job_id), media_type=_guess_mime(job.request))
 
     @app.get("/v1/jobs")
@@ -279,7 +287,7 @@ def create_app(gw: Gateway) -> FastAPI:
         if job is None:
             raise HTTPError(404, "NotFound", f"no job {job_id}")
         if job.output_key:
-            gw.outputs.delete(job.output_key)
+            await asyncio.to_thread(gw.outputs.delete, job.output_key)
             await gw.jobs.drop_output(job.id)
         job = await gw.jobs.get(job_id, tenant.id)
         assert job is not None
@@ -318,7 +326,7 @@ def create_app(gw: Gateway) -> FastAPI:
     async def quote(request: Request) -> Response:
         await authenticate(gw, request)
         body = await parse_job_body(gw, request)
-        req = decode_job_request(body)
+        req, _ = await gw.media.decode(body)  # a render's price depends on its audio's length
         check_options(body)
         options = body.get("options") or {}
         if isinstance(req, LongRequest):
@@ -385,10 +393,13 @@ def _book_forecast(manager: Any, req: LongRequest) -> dict[str, Any]:
         journal.close()
 
 
-def _output_response(gw: Gateway, key: str, mime: str) -> Response:
+async def _output_response(gw: Gateway, key: str, mime: str) -> Response:
+    # The first chunk is read before answering, so a missing output is a 410, not a broken 200. Store
+    # calls block (a bucket is a network round trip): they run in a thread (StreamingResponse runs a
+    # plain iterator in one too).
+    it = gw.outputs.open_iter(key)
     try:
-        it = gw.outputs.open_iter(key)
-        first = next(it, b"")
+        first = await asyncio.to_thread(next, it, b"")
     except (FileNotFoundError, KeyError):
         raise HTTPError(410, "Gone", "the output was deleted") from None
 
@@ -414,7 +425,7 @@ async def _follow(gw: Gateway, job_id: str, poll_s: float = 0.2) -> Any:
             return
         if job.state == "succeeded" and job.output_key:
             skip = sent  # the partial file already gave these (outputs are written front to back)
-            for chunk in gw.outputs.open_iter(job.output_key):
+            async for chunk in iterate_in_threadpool(gw.outputs.open_iter(job.output_key)):
                 if skip >= len(chunk):
                     skip -= len(chunk)
                     continue

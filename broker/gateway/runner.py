@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -46,8 +47,11 @@ class LeaseLost(Exception):
     """The job was cancelled or another replica holds it now."""
 
 
-def decode_job_request(body: dict[str, Any]) -> Any:
-    """The broker request inside a job body (raises ``InvalidRequest`` naming the field)."""
+def decode_job_request(body: dict[str, Any], *, fetch: Any = None) -> Any:
+    """The broker request inside a job body (raises ``InvalidRequest`` naming the field).
+
+    ``fetch(url) -> bytes`` fetches media given by URL; without one (a job being run: its media was
+    fetched when it was accepted, see ``broker.gateway.media``) a URL is refused."""
     kind = body.get("kind")
     if kind not in KINDS:
         raise InvalidRequest("kind", f"must be one of {', '.join(KINDS)}; got {kind!r} (a job looks like "
@@ -58,7 +62,7 @@ def decode_job_request(body: dict[str, Any]) -> Any:
                              f"{json.dumps(JOB_SHAPE)}")
     if kind == "long_speech":
         return decode_long_request(inp)
-    return wire.decode_request({"v": wire.WIRE_VERSION, "task": kind, "input": inp})
+    return wire.decode_request({"v": wire.WIRE_VERSION, "task": kind, "input": inp}, fetch=fetch)
 
 
 @dataclass
@@ -158,12 +162,14 @@ class JobRunner:
                     await self._run_long(job, request, options, tenant)
                     return
                 kept: list[tuple[str, str, int]] = []
+                taken: list[bool] = []
 
                 async def keep(out: Audio | Video) -> None:
                     """Store the output and record it on the row before the manager settles the attempt."""
-                    if kept:
+                    if taken:
                         return  # a hedge that finished too: the first output is the job's
-                    kept.append(self._store(job.id, out, options))
+                    taken.append(True)  # before the store's await, so a hedge finishing meanwhile is ignored
+                    kept.append(await self._store(job.id, out, options))
                     key, mime, size = kept[0]
                     await self.jobs.keep_output(job.id, self.owner, output_key=key, output_mime=mime,
                                                 output_bytes=size)
@@ -175,7 +181,7 @@ class JobRunner:
                     out = await run
                 finally:
                     report = getattr(self.manager, "last_report", None)
-                key, mime, size = kept[0] if kept else self._store(job.id, out, options)
+                key, mime, size = kept[0] if kept else await self._store(job.id, out, options)
                 report = out.report or report
                 await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=_cost(report),
                                        provider=report.provider if report else None, attempts=_attempts(report),
@@ -241,25 +247,28 @@ class JobRunner:
                            deadline_s=options.get("deadline_s"), on_progress=progress,
                            command=f"gateway job {job.id}", tenant=tenant, **request.fields)
         try:
-            result = await long_job.run()
+            try:
+                result = await long_job.run()
+            finally:
+                long_job.close()
+                self._progress.pop(job.id, None)
+            path = folder / key
+            size = path.stat().st_size
+            if not local:
+                await asyncio.to_thread(self.outputs.put_file, key, path, LONG_FORMATS[fmt])
         finally:
-            long_job.close()
-            self._progress.pop(job.id, None)
-        path = folder / key
-        size = path.stat().st_size
-        if not local:
-            self.outputs.put(key, path.read_bytes(), LONG_FORMATS[fmt])
-            path.unlink()
+            if not local:  # the book's local copy, whether it was uploaded or not
+                shutil.rmtree(folder, ignore_errors=True)
         top = max(result.providers.items(), key=lambda kv: kv[1])[0] if result.providers else None
         await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=result.cost_usd, provider=top,
                                attempts=[{"pieces": result.pieces, "pieces_run": result.pieces_run,
                                           "pieces_reused": result.pieces_reused, "providers": result.providers}],
                                output_key=key, output_mime=LONG_FORMATS[fmt], output_bytes=size)
 
-    def _store(self, job_id: str, out: Audio | Video, options: dict[str, Any]) -> tuple[str, str, int]:
+    async def _store(self, job_id: str, out: Audio | Video, options: dict[str, Any]) -> tuple[str, str, int]:
         """Encode ``out`` and put it in the output store; returns (key, mime, bytes)."""
         key, mime, data = self._encode(job_id, out, options)
-        self.outputs.put(key, data, mime)
+        await asyncio.to_thread(self.outputs.put, key, data, mime)  # a bucket is a network call
         return key, mime, len(data)
 
     async def _finish_kept(self, job: JobRow) -> None:

@@ -13,11 +13,13 @@ from fastapi import FastAPI
 from broker.gateway.api import Gateway, create_app
 from broker.gateway.db import Database, is_postgres, open_database
 from broker.gateway.jobs import JobStore
+from broker.gateway.media import MediaUrls
 from broker.gateway.outputs import DirectoryOutputs, OutputStore, S3Outputs
 from broker.gateway.queues import InProcessQueue, JobQueue, ProcrastinateQueue
 from broker.gateway.runner import JobRunner, RunnerConfig
 from broker.gateway.tenants import KeyStore
 from broker.settings import Settings
+from broker.worker.fetch import FetchPolicy
 
 log = logging.getLogger("broker.gateway")
 
@@ -41,7 +43,9 @@ def is_loopback(host: str) -> bool:
 def output_store(settings: Settings) -> OutputStore:
     g = settings.gateway
     if g.s3_bucket:
-        return S3Outputs(g.s3_bucket, prefix=g.s3_prefix, endpoint_url=g.s3_endpoint_url)
+        secret = g.s3_secret_access_key.get_secret_value() if g.s3_secret_access_key else None
+        return S3Outputs(g.s3_bucket, prefix=g.s3_prefix, endpoint_url=g.s3_endpoint_url, region=g.s3_region,
+                         access_key_id=g.s3_access_key_id, secret_access_key=secret)
     return DirectoryOutputs(g.output_dir)
 
 
@@ -66,8 +70,10 @@ def build_app(settings: Settings, manager: Any, *, db_url: str | None = None, ou
     opts = {"concurrency": g.concurrency, **(queue_options or {})}
     queue: JobQueue = ProcrastinateQueue(runner, url, **opts) if is_postgres(url) else \
         InProcessQueue(runner, concurrency=opts["concurrency"], sweep_s=opts.get("sweep_s", 5.0))
+    # What one job's media URLs may add up to is what an upload may: the bytes land in the job row alike.
+    media = MediaUrls(FetchPolicy.from_settings(g.fetch, max_bytes=g.max_body_bytes), max_total_bytes=g.max_body_bytes)
     gw = Gateway(manager=manager, jobs=jobs, keys=keys, outputs=runner.outputs, runner=runner, queue=queue,
-                 max_body_bytes=g.max_body_bytes)
+                 max_body_bytes=g.max_body_bytes, media=media)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:

@@ -30,9 +30,7 @@ def configured_fetch_policy() -> FetchPolicy:
     """The fetch policy from ``worker.*`` settings (read once per process: handlers have no other config)."""
     from broker.settings import Settings
 
-    cfg = Settings().worker
-    return FetchPolicy(allow_http=cfg.allow_http_urls, allow_private=cfg.allow_private_urls,
-                       max_bytes=cfg.fetch_max_bytes, timeout_s=cfg.fetch_timeout_s)
+    return FetchPolicy.from_settings(Settings().worker)
 
 
 def parse(payload: Any, limits: Limits = DEFAULT_LIMITS, fetch_policy: FetchPolicy | None = None

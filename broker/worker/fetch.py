@@ -15,8 +15,9 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -31,6 +32,7 @@ MiB = 1024 * 1024
 UNREACHABLE = "could not fetch the URL"
 
 Resolver = Callable[[str, int], list[str]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,29 @@ class FetchPolicy:
     max_redirects: int = 3
     #: URLs one job may name (context segments + audio + avatar); checked before the first fetch
     max_fetches: int = 18
+    #: host names (lower case) fetched whatever they resolve to: the operator named them
+    allow_hosts: frozenset[str] = frozenset()
+    #: non-public networks that may be fetched from, each hop checked (narrower than allow_private)
+    allow_networks: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_settings(cls, cfg: Any, *, max_bytes: int | None = None) -> FetchPolicy:
+        """The policy a ``MediaFetchSettings`` section describes (``[worker]``, ``[gateway.fetch]``)."""
+        return cls(allow_http=cfg.allow_http_urls, allow_private=cfg.allow_private_urls,
+                   max_bytes=min(cfg.fetch_max_bytes, max_bytes or cfg.fetch_max_bytes),
+                   timeout_s=cfg.fetch_timeout_s, allow_hosts=frozenset(h.lower() for h in cfg.allow_hosts),
+                   allow_networks=_networks(cfg.allow_networks))
+
+    def allows(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if self.allow_private or _public(address) or host.lower() in self.allow_hosts:
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allow_networks)
+
+
+def _networks(values: Iterable[Any]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(str(v), strict=False) for v in values)
 
 
 class _Refused(Exception):
@@ -134,10 +159,9 @@ class MediaFetcher:
                 raise _Refused(f"DNS: {exc}") from None
         if not addresses:
             raise _Refused("DNS: no address")
-        if not self.policy.allow_private:
-            for address in addresses:
-                if not _public(address):
-                    raise _Refused(f"{host} resolves to the non-public address {address}")
+        for address in addresses:  # every answer, not just the one we connect to
+            if not self.policy.allows(host, address):
+                raise _Refused(f"{host} resolves to the non-public address {address}")
         pinned = target.copy_with(host=str(addresses[0]))
         remaining = max(0.1, deadline - time.monotonic())
         headers = {"Host": target.netloc.decode("ascii"), "Accept-Encoding": "identity"}
