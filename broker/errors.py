@@ -206,6 +206,13 @@ class BudgetStopped(BudgetExceeded):
         self.partial = partial
 
 
+class OutputNotKept(BrokerError):
+    """The provider finished (and billed) the job, but the caller's output sink failed to keep it (a full
+    disk, a bucket that refused the write). Not retried elsewhere: that would bill the same work twice."""
+
+    code = "output_not_kept"
+
+
 _BY_NAME: dict[str, type[BrokerError]] = {}
 
 

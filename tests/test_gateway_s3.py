@@ -141,6 +141,7 @@ def test_a_missing_bucket_fails_the_job_typed_without_the_secret(
         assert view["state"] == "failed", view
         error = view["error"]
         # the store's error reaches the job through the manager's output sink (it names the class it wraps)
+        assert error["type"] == "OutputNotKept" and "internal error" not in error["message"], error
         assert "OutputStoreError" in error["message"] and "NoSuchBucket" in error["message"], error
         out = c.get(f"/v1/jobs/{view['id']}/output")
         assert out.status_code == 409 and "NoSuchBucket" in out.text

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from broker.errors import AllProvidersFailed, InvalidRequest, JobFailed
+from broker.errors import AllProvidersFailed, InvalidRequest, OutputNotKept
 from broker.media import Audio, Video
 from broker.providers.base import JobState
 from broker.routing.manager import CloudGPUManager, ManagedJob
@@ -76,8 +76,9 @@ async def test_a_failing_output_sink_ends_the_job_with_no_retry_or_failover() ->
     async def keep(out: Audio | Video) -> None:
         raise OSError("disk full")
 
-    with pytest.raises(JobFailed, match="disk full"):
+    with pytest.raises(OutputNotKept, match="disk full") as caught:
         await m.arun(SpeechRequest(text=TEXT), job_id="j2", on_output=keep)
+    assert "internal error" not in caught.value.message  # a typed failure, not a bug report
     assert cheap.submits == 1 and dear.submits == 0  # the work was done: nobody else is paid to redo it
     assert [(r["provider"], r["status"]) for r in m.ledger.attempts(job_id="j2")] == [("cheap", "succeeded")]
     assert outcomes(m) == [("cheap", "succeeded", None)]

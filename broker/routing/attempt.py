@@ -47,9 +47,9 @@ class CircuitOpen(ProviderUnavailable):
     retryable = False
 
 
-class OutputNotKept(Exception):
-    """The job's output sink raised. Not a ``BrokerError``: the manager neither retries nor fails over
-    (another provider would bill for work that is done); the job ends failed."""
+class SinkFailed(Exception):
+    """The job's output sink raised. Not a ``BrokerError`` inside routing, so the manager neither retries nor
+    fails over (another provider would bill for work that is done); the job ends ``OutputNotKept``."""
 
 
 class ProviderRun:
@@ -195,7 +195,7 @@ class ProviderRun:
             if sink is not None:
                 await sink(out)
         except Exception as exc:
-            raise OutputNotKept(f"{self.name}: the job's output sink failed: {type(exc).__name__}: {exc}") from exc
+            raise SinkFailed(f"{self.name}: the job's output sink failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._close(reservation, job, "succeeded", None, started_wall, t0, permit)
 

@@ -22,13 +22,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from broker._sync import run_sync
-from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed
+from broker.errors import AllProvidersFailed, BrokerError, BudgetExceeded, JobFailed, OutputNotKept
 from broker.media import Audio, AudioChunk, Video
 from broker.money.budget import Accountant, Budget, TenantBudget
 from broker.money.pricing import WARM_P_COLD, Catalog, PriceRow
 from broker.providers import endpoints
 from broker.providers.base import Billing, Capabilities, HealthReport, Job, JobState, Provider, Request
-from broker.routing.attempt import ProviderRun
+from broker.routing.attempt import ProviderRun, SinkFailed
 from broker.routing.context import OutputSink
 from broker.routing.health import BreakerConfig, HealthBoard
 from broker.routing.policy import Candidate, DropOverBudget, DropUnpriced, Policy, RankContext, Ranking, as_policy
@@ -119,6 +119,10 @@ class ManagedJob(Job):
         except BrokerError as exc:
             self._finish_report()
             self._fail(exc)
+            return
+        except SinkFailed as exc:  # the provider's work is done and billed: say what failed, typed
+            self._finish_report()
+            self._fail(OutputNotKept(str(exc)))
             return
         except Exception as exc:  # a bug here must still end the job with a typed error
             log.exception("job %s: internal error while routing", self.id)
