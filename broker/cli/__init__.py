@@ -14,33 +14,40 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 import typer
 from rich.markup import escape
 
-app = typer.Typer(
-    name="broker",
-    help="Run speech and talking-head rendering on the cheapest healthy GPU provider.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-# One module per concern; each exposes register(app).
-_COMMAND_MODULES = (
-    "broker.cli.generate",  # speak, render
-    "broker.cli.providers",  # providers
-    "broker.cli.money",  # quote, costs
-    "broker.cli.deploy",  # deploy <provider>
-    "broker.cli.emulate",  # emulate <provider>
-    "broker.cli.workers",  # worker serve
-    "broker.cli.bench",  # bench
-    "broker.cli.reconcile",  # reconcile
-    "broker.cli.serve",  # serve, serve keys
-    "broker.cli.longform",  # jobs
-)
-
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name).register(app)
+# One module per concern; each exposes register(app). The command names each one adds:
+_COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "broker.cli.generate": ("speak", "render"),
+    "broker.cli.providers": ("providers",),
+    "broker.cli.money": ("quote", "costs"),
+    "broker.cli.deploy": ("deploy",),
+    "broker.cli.emulate": ("emulate",),
+    "broker.cli.workers": ("worker",),
+    "broker.cli.bench": ("bench",),
+    "broker.cli.reconcile": ("reconcile",),
+    "broker.cli.serve": ("serve",),
+    "broker.cli.longform": ("jobs",),
+}
 
 
-@app.callback()
+def build_app(command: str | None = None) -> typer.Typer:
+    """The `broker` app with every command, or only the module that holds ``command``.
+
+    The console script builds only what it runs: Typer reads every command's signature and type hints
+    when it starts (~70 ms for all of them here), and each module imports its own dependencies."""
+    modules = [m for m, names in _COMMAND_MODULES.items() if command in names] or list(_COMMAND_MODULES)
+    built = typer.Typer(
+        name="broker",
+        help="Run speech and talking-head rendering on the cheapest healthy GPU provider.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    built.callback()(_preflight)
+    for name in modules:
+        importlib.import_module(name).register(built)
+    return built
+
+
 def _preflight(ctx: typer.Context) -> None:
     """Run speech and talking-head rendering on the cheapest healthy GPU provider."""
     if "--help" in sys.argv[1:] or ctx.resilient_parsing:
@@ -57,8 +64,11 @@ def main() -> None:
     from broker.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, err, one_line
     from broker.errors import BrokerError, ConfigurationError, InvalidRequest
 
+    args = sys.argv[1:]
+    # the command is the first argument (the app has no options of its own); help lists every command
+    command = args[0] if args and not args[0].startswith("-") and "--help" not in args else None
     try:
-        app()
+        build_app(command)()
     except (InvalidRequest, ConfigurationError) as exc:
         err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
@@ -73,3 +83,15 @@ def main() -> None:
         err.print(f"[bold red]error:[/] the ledger cannot be read: {escape(str(exc))}", highlight=False,
                   soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
+
+
+_FULL: list[typer.Typer] = []
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """``broker.cli.app``: every command (tests and tools drive it; built on first use)."""
+    if name == "app":
+        if not _FULL:
+            _FULL.append(build_app())
+        return _FULL[0]
+    raise AttributeError(f"module 'broker.cli' has no attribute {name!r}")

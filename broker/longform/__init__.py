@@ -8,10 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from broker.longform.run import LongJob, LongResult, Progress
 from broker.longform.text import Chapter, chapters_from_text, read_chapters
+
+if TYPE_CHECKING:
+    from broker.longform.run import LongJob, LongResult, Progress
+
+#: the scheduler loads on first use: ``broker speak`` imports only ``broker.longform.writer``
+_LAZY = ("LongJob", "LongResult", "Progress")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from broker.longform import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'broker.longform' has no attribute {name!r}")
 
 
 def as_chapters(text_or_chapters: str | Sequence[Chapter] | Sequence[str]) -> list[Chapter]:
@@ -26,6 +39,8 @@ def as_chapters(text_or_chapters: str | Sequence[Chapter] | Sequence[str]) -> li
 
 async def aspeak_long(manager: Any, text_or_chapters: str | Sequence[Chapter] | Sequence[str], *,
                       output: str | Path | None = None, **options: Any) -> LongResult:
+    from broker.longform.run import LongJob
+
     job = LongJob(manager, as_chapters(text_or_chapters), output=Path(output) if output else None, **options)
     try:
         return await job.run()
