@@ -96,7 +96,7 @@ class S3Outputs(OutputStore):
                 import boto3
                 from botocore.config import Config
             except ImportError:
-                raise ConfigurationError("gateway.s3_bucket needs: pip install boto3") from None
+                raise ConfigurationError("gateway.s3_bucket needs boto3: pip install 'broker[s3]'") from None
             # A client of its own session: boto3's default session is not safe to share across threads.
             client = boto3.session.Session().client(
                 "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
