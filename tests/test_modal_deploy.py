@@ -147,3 +147,44 @@ def test_default_plan() -> None:
     plan = plan_from_settings(Settings())
     assert isinstance(plan, ModalDeployPlan) and plan.class_name == "BrokerWorker" and plan.app_file == APP_FILE
     assert plan.memory_snapshot is True and plan.env()["BROKER_MODAL__MEMORY_SNAPSHOT"] == "true"
+
+
+def test_a_named_endpoint_is_recorded_as_its_own_table_and_routed(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a second Modal app (another region, another GPU) beside the [modal] one, as issue 9's users run it
+    config = tmp_path / "broker.toml"
+    config.write_text("[manager]\nproviders = [\"modal\", \"local\"]\n\n[modal]\napp_name = \"broker\"\n")
+    monkeypatch.setenv("BROKER_CONFIG", str(config))
+    plan = plan_from_settings(Settings(), endpoint="modal-eu", hardware="L40S")
+    assert plan.app_name == "modal-eu"  # a new endpoint's app does not replace the [modal] one's
+
+    def fake_modal_cli(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(cmd, 0, DEPLOY_OUTPUT, "")
+
+    record(run_deploy(plan, runner=fake_modal_cli), config, "modal-eu", plan)
+    data = tomllib.loads(config.read_text())
+    assert data["modal"] == {"app_name": "broker"}
+    assert data["endpoints"]["modal-eu"] == {
+        "kind": "modal", "app_name": "modal-eu", "class_name": "BrokerWorker", "hardware": "L40S",
+        "url": "https://acme--broker-brokerworker-web.modal.run"}
+    assert data["manager"]["providers"] == ["modal", "local", "modal-eu"]
+    # routing reads it back as a Modal endpoint of its own; a deploy again updates the same table
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    settings = Settings()
+    assert plan_from_settings(settings, endpoint="modal-eu").hardware == "L40S"
+    from broker.providers.endpoints import resolve
+
+    rows = {r.name: r for r in resolve(settings).rows}
+    assert rows["modal-eu"].kind == "modal" and rows["modal-eu"].routed, rows["modal-eu"]
+    assert {p.name for p in resolve(settings).ranked} >= {"modal", "modal-eu"}
+
+
+def test_dry_run_of_a_named_endpoint_says_where_it_records(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    proc = run_cli("deploy", "modal", "--name", "modal-eu", "--dry-run", "--json", "--config", str(config),
+                   env={"HOME": str(tmp_path), "MODAL_CONFIG_PATH": str(tmp_path / "none.toml")})
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["app_name"] == "modal-eu" and plan["section"] == "[endpoints.modal-eu]"
+    assert not config.exists()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -78,6 +79,27 @@ def test_deploy_creates_updates_and_is_idempotent(tmp_path: Path, monkeypatch: p
         audio = provider.generate_speech("Deployed and recorded.")
         assert audio.duration_s > 0.5
         assert any(r.deployment == "broker/speech" for r in emu.predictions.values())
+
+
+def test_a_named_endpoint_gets_its_own_deployment_and_table(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text(CONFIG)
+    with emulator() as server:
+        code, output = _deploy(server.url, config, "--no-push", "--deployment", "speech", "--json")
+        assert code == 0, output
+        code, output = _deploy(server.url, config, "--no-push", "--name", "rep-a100", "--hardware",
+                               "gpu-a100-large", "--json")
+        assert code == 0, output
+        data = json.loads(output)
+        assert data["deployment"] == "broker/rep-a100" and data["endpoint"] == "rep-a100"
+        assert server.emulator.deployments["broker/rep-a100"]["hardware"] == "gpu-a100-large"
+        assert server.emulator.deployments["broker/speech"]["hardware"] == "gpu-t4"  # the first is untouched
+    written = tomllib.loads(config.read_text())
+    assert written["replicate"]["deployment"] == "broker/speech"
+    assert written["endpoints"]["rep-a100"] == {"kind": "replicate", "deployment": "broker/rep-a100",
+                                                "hardware": "gpu-a100-large"}
+    assert written["manager"]["providers"] == ["replicate", "local", "rep-a100"]
+    assert "# keep me" in config.read_text()
 
 
 def test_deploy_without_cog_says_what_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,9 @@ def deploy_modal(
     snapshot: Annotated[
         bool | None, typer.Option("--snapshot/--no-snapshot", help="Memory snapshots for fast cold starts.")
     ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Endpoint name in the config, as [endpoints.NAME] "
+                                             "(its app is named after it unless --app-name); default: the "
+                                             "[modal] section.")] = None,
     app_name: Annotated[str | None, typer.Option("--app-name")] = None,
     environment: Annotated[str | None, typer.Option("--environment", help="Modal environment.")] = None,
     image: Annotated[str | None, typer.Option("--image", help="Registry image built from containers/.")] = None,
@@ -40,15 +43,17 @@ def deploy_modal(
         from broker.settings import Settings, config_path
 
         settings = Settings()
+        endpoint = None if name is None or name == "modal" else name
         plan = deploy.plan_from_settings(
-            settings, app_name=app_name, hardware=gpu, min_containers=min_containers,
+            settings, endpoint=endpoint, app_name=app_name, hardware=gpu, min_containers=min_containers,
             max_containers=max_containers, scaledown_window_s=scaledown_window, memory_snapshot=snapshot,
             timeout_s=timeout, environment=environment, image=image, app_file=app_file,
         )
         target = config or config_path()
         if dry_run:
+            where = f"[endpoints.{endpoint}]" if endpoint else "[modal]"
             summary = {**plan.summary(), "credentials": modal_token_configured(settings),
-                       "config": str(target), "dry_run": True}
+                       "config": str(target), "section": where, "dry_run": True}
             if as_json:
                 print_json(summary)
                 return
@@ -59,14 +64,15 @@ def deploy_modal(
                 out.print(f"  {key:<19} {escape(str(summary[key]))}", highlight=False, soft_wrap=True)
             out.print(f"  {'command':<19} {escape(str(summary['command']))}", highlight=False, soft_wrap=True)
             out.print(f"  {'credentials':<19} {'found' if summary['credentials'] else 'MISSING'}")
-            out.print(f"  {'records to':<19} {escape(str(target))}", highlight=False, soft_wrap=True)
+            out.print(f"  {'records to':<19} {escape(where)} in {escape(str(target))}", highlight=False,
+                      soft_wrap=True)
             return
         deploy.check_credentials(settings)  # before any network
         result = deploy.run_deploy(plan)
-        written = deploy.record(result, target)
+        written = deploy.record(result, target, endpoint, plan)
         if as_json:
             print_json({"app_name": result.app_name, "class_name": result.class_name, "url": result.url,
-                        "config": str(written)})
+                        "config": str(written), "endpoint": endpoint or "modal"})
             return
         out.print(f"deployed [bold]{escape(f'{result.app_name}.{result.class_name}')}[/] · recorded in "
                   f"{escape(str(written))}", highlight=False, soft_wrap=True)

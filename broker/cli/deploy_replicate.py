@@ -14,8 +14,10 @@ from broker.cli.common import guarded, out, print_json
 def deploy_replicate(
     model: Annotated[str, typer.Option("--model", help="Model name (owner/name, or name under your account).")]
     = "broker",
-    deployment: Annotated[str | None, typer.Option("--deployment", help="Deployment name (default: the model's).")]
-    = None,
+    deployment: Annotated[str | None, typer.Option("--deployment", help="Deployment name (default: --name, else "
+                                                   "the model's).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Endpoint name in the config, as [endpoints.NAME] "
+                                             "(default: the [replicate] section).")] = None,
     owner: Annotated[str | None, typer.Option("--owner", help="Account or organisation (default: the token's).")]
     = None,
     hardware: Annotated[str | None, typer.Option("--hardware", help="Hardware SKU, e.g. gpu-l40s, gpu-a100-large "
@@ -38,15 +40,17 @@ def deploy_replicate(
     """Deploy the broker worker to Replicate, idempotently, and record it in the config."""
 
     def run() -> None:
-        from broker.deploy.replicate import DeployPlan, ReplicateDeployer, write_config
+        from broker.deploy.replicate import DeployPlan, ReplicateDeployer, endpoint_section, write_config
         from broker.settings import Settings, config_path
 
-        settings = Settings().replicate
+        endpoint = None if name is None or name == "replicate" else name
+        settings = endpoint_section(Settings(), endpoint)
         deployer = ReplicateDeployer(settings, dry_run=dry_run)
         try:
             account = owner or (model.partition("/")[0] if "/" in model else deployer.owner()) or "<your-account>"
             model_name = model if "/" in model else f"{account}/{model}"
-            dep_name = deployment or model_name.partition("/")[2]
+            # a named endpoint gets a deployment of its own, so it does not take over the [replicate] one's
+            dep_name = deployment or endpoint or model_name.partition("/")[2]
             plan = DeployPlan(
                 model=model_name,
                 deployment=dep_name if "/" in dep_name else f"{account}/{dep_name}",
@@ -61,13 +65,14 @@ def deploy_replicate(
         finally:
             deployer.close()
         if not dry_run:
-            result.config_path = write_config(config or config_path(), "replicate",
+            result.config_path = write_config(config or config_path(), endpoint,
                                               {"deployment": plan.deployment, "hardware": plan.hardware})
         if as_json:
             print_json({"action": result.action, "deployment": result.deployment, "version": result.version,
                         "hardware": plan.hardware, "min_instances": plan.min_instances,
                         "max_instances": plan.max_instances, "steps": result.steps, "dry_run": dry_run,
-                        "config": str(result.config_path) if result.config_path else None})
+                        "config": str(result.config_path) if result.config_path else None,
+                        "endpoint": endpoint or "replicate"})
             return
         for step in result.steps:
             out.print(f"  {escape(step)}", highlight=False, soft_wrap=True)

@@ -76,9 +76,26 @@ class ModalDeployPlan:
         return data
 
 
-def plan_from_settings(settings: Settings, **overrides: Any) -> ModalDeployPlan:
-    """The plan from the [modal] settings, with CLI overrides (None = keep the setting); checks the values."""
-    m = settings.modal
+def endpoint_section(settings: Settings, endpoint: str | None) -> Any:
+    """What to deploy from: [endpoints.NAME] when it exists (it must be a Modal one), else the [modal]
+    section's deploy defaults; a new named endpoint's app is named after it, so it does not replace the
+    [modal] section's app."""
+    from broker.providers.endpoints import norm
+
+    if endpoint is None or endpoint == "modal":
+        return settings.modal
+    for found, cfg in settings.endpoints.items():
+        if norm(found) == norm(endpoint):
+            if cfg.kind != "modal":
+                raise ConfigurationError(f"[endpoints.{found}] is a {cfg.kind} endpoint, not a Modal one")
+            return cfg
+    return settings.modal.model_copy(update={"app_name": endpoint, "url": None})
+
+
+def plan_from_settings(settings: Settings, *, endpoint: str | None = None, **overrides: Any) -> ModalDeployPlan:
+    """The plan from the [modal] settings (or [endpoints.NAME]'s, ``endpoint``), with CLI overrides (None =
+    keep the setting); checks the values."""
+    m = endpoint_section(settings, endpoint)
     chosen = {k: v for k, v in overrides.items() if v is not None}
     fields: dict[str, Any] = {
         "app_name": m.app_name,
@@ -147,9 +164,18 @@ def run_deploy(plan: ModalDeployPlan, *, runner: Runner = subprocess.run, timeou
     return ModalDeployResult(plan.app_name, plan.class_name, urls[-1] if urls else None, output)
 
 
-def record(result: ModalDeployResult, path: Path) -> Path:
-    """Write the deployed names (and URL) into [modal] of the config at ``path``."""
-    from broker.deploy.configfile import update_section
+def record(result: ModalDeployResult, path: Path, endpoint: str | None = None,
+           plan: ModalDeployPlan | None = None) -> Path:
+    """Write the deployed names (and URL) into [modal] of the config at ``path``, or into
+    ``[endpoints.NAME]`` (with its kind and hardware, and added to ``manager.providers`` when the file lists
+    them, so the new endpoint is routed)."""
+    from broker.deploy.configfile import add_to_list, update_section
 
-    return update_section(path, "modal", {"app_name": result.app_name, "class_name": result.class_name,
-                                          "url": result.url})
+    values: dict[str, Any] = {"app_name": result.app_name, "class_name": result.class_name, "url": result.url}
+    if endpoint is None or endpoint == "modal":
+        return update_section(path, "modal", values)
+    values = {"kind": "modal", **values}
+    if plan is not None:
+        values.update(hardware=plan.hardware, **({"environment": plan.environment} if plan.environment else {}))
+    update_section(path, ("endpoints", endpoint), {k: v for k, v in values.items() if v is not None})
+    return add_to_list(path, ("manager", "providers"), endpoint, only_if_present=True)
