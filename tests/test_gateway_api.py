@@ -213,3 +213,27 @@ def test_book_bad_input_is_refused_before_anything_runs(server: LoopbackServer) 
                                      "options": {"output_format": "ogg"}})
         assert r.status_code == 422 and r.json()["error"]["field"] == "options.output_format"
     assert server.fast.jobs == []  # type: ignore[attr-defined]
+
+
+def test_a_books_webhook_is_sent_when_it_ends_not_at_the_next_sweep(tmp_path: Path) -> None:
+    received: list[bytes] = []
+    got = threading.Event()
+    hook = FastAPI()
+
+    @hook.post("/hook")
+    async def _hook(request: Request) -> dict[str, Any]:
+        received.append(await request.body())
+        got.set()
+        return {"ok": True}
+
+    manager = fake_manager(tmp_path, FakeProvider("fast", usd_per_second=0.001))
+    chapters = [{"title": "One", "text": " ".join(f"Sentence {j} goes on for a while." for j in range(30))}]
+    # the sweep that resends unsent webhooks waits a minute: only the runner itself can send this one in time
+    app = gateway_app(tmp_path, manager, webhook_secret="s3cret-hook", queue_options={"sweep_s": 60.0})
+    with LoopbackServer(hook) as receiver, LoopbackServer(app) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        job = c.post("/v1/jobs", json={"kind": "long_speech", "input": {"chapters": chapters},
+                                       "webhook_url": f"{receiver.url}/hook"}).json()
+        assert wait_state(c, job["id"])["state"] == "succeeded"
+        assert got.wait(10), "the book's completion was left to the sweep"
+    assert json.loads(received[0])["id"] == job["id"]

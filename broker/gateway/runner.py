@@ -160,32 +160,32 @@ class JobRunner:
                 tenant = await self._budget_of(job.tenant)
                 if isinstance(request, LongRequest):
                     await self._run_long(job, request, options, tenant)
-                    return
-                kept: list[tuple[str, str, int]] = []
-                taken: list[bool] = []
+                else:  # not a return: the end of the job (waiters, webhook) is the same for both
+                    kept: list[tuple[str, str, int]] = []
+                    taken: list[bool] = []
 
-                async def keep(out: Audio | Video) -> None:
-                    """Store the output and record it on the row before the manager settles the attempt."""
-                    if taken:
-                        return  # a hedge that finished too: the first output is the job's
-                    taken.append(True)  # before the store's await, so a hedge finishing meanwhile is ignored
-                    kept.append(await self._store(job.id, out, options))
-                    key, mime, size = kept[0]
-                    await self.jobs.keep_output(job.id, self.owner, output_key=key, output_mime=mime,
-                                                output_bytes=size)
+                    async def keep(out: Audio | Video) -> None:
+                        """Store the output and record it on the row before the manager settles the attempt."""
+                        if taken:
+                            return  # a hedge that finished too: the first output is the job's
+                        taken.append(True)  # before the store's await, so a hedge finishing meanwhile is ignored
+                        kept.append(await self._store(job.id, out, options))
+                        key, mime, size = kept[0]
+                        await self.jobs.keep_output(job.id, self.owner, output_key=key, output_mime=mime,
+                                                    output_bytes=size)
 
-                run = asyncio.ensure_future(self.manager.arun(
-                    request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id,
-                    tenant=tenant, on_output=keep))
-                try:
-                    out = await run
-                finally:
-                    report = getattr(self.manager, "last_report", None)
-                key, mime, size = kept[0] if kept else await self._store(job.id, out, options)
-                report = out.report or report
-                await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=_cost(report),
-                                       provider=report.provider if report else None, attempts=_attempts(report),
-                                       output_key=key, output_mime=mime, output_bytes=size)
+                    run = asyncio.ensure_future(self.manager.arun(
+                        request, deadline_s=options.get("deadline_s"), max_usd=options.get("max_usd"), job_id=job.id,
+                        tenant=tenant, on_output=keep))
+                    try:
+                        out = await run
+                    finally:
+                        report = getattr(self.manager, "last_report", None)
+                    key, mime, size = kept[0] if kept else await self._store(job.id, out, options)
+                    report = out.report or report
+                    await self.jobs.finish(job.id, self.owner, state="succeeded", cost_usd=_cost(report),
+                                           provider=report.provider if report else None, attempts=_attempts(report),
+                                           output_key=key, output_mime=mime, output_bytes=size)
         except asyncio.CancelledError:
             if keeper.done() and isinstance(keeper.exception(), LeaseLost):
                 log.info("job %s: cancelled or taken over; stopped", job.id)
