@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 
 from broker.cli.common import guarded, out, print_json
-from broker.errors import ConfigurationError
 
 NO_IMAGE = "<--image not given>"  # the same as broker.deploy.runpod.NO_IMAGE, without importing httpx here
 
@@ -50,12 +49,13 @@ def deploy_runpod(
     """Deploy the broker worker to a RunPod serverless endpoint and record its id in the config."""
 
     def run() -> None:
+        from broker.deploy.configfile import deploy_settings
         from broker.deploy.runpod import DeployOptions, RunPodDeployer, write_endpoint_id
         from broker.settings import Settings, config_path
 
         settings = Settings()
         endpoint = None if name is None or name == "runpod" else name
-        rp = _endpoint_settings(settings, endpoint)
+        rp = deploy_settings(settings, "runpod", "RunPod", endpoint, {"endpoint_id": None})
         compute = "CPU" if cpu or cpu_flavor or vcpus else ("GPU" if gpu else rp.compute_type)
         options = DeployOptions(
             name=name or rp.endpoint_name,
@@ -95,21 +95,6 @@ def deploy_runpod(
         say(f"RunPod endpoint {result.endpoint_id} is ready; wrote {where} to {target}")
 
     guarded(run, as_json=as_json)
-
-
-def _endpoint_settings(settings: Any, endpoint: str | None) -> Any:
-    """The settings to deploy from: [endpoints.NAME] when it exists, else the [runpod] section's."""
-    from broker.providers.endpoints import norm
-
-    if endpoint is not None:
-        for found, cfg in settings.endpoints.items():
-            if norm(found) == norm(endpoint):
-                if cfg.kind != "runpod":
-                    raise ConfigurationError(f"[endpoints.{found}] is a {cfg.kind} endpoint, not a RunPod one")
-                return cfg
-        # A new endpoint: the [runpod] section's deploy defaults, but not its endpoint id.
-        return settings.runpod.model_copy(update={"endpoint_id": None})
-    return settings.runpod
 
 
 def _where(endpoint: str | None) -> str:

@@ -88,3 +88,33 @@ def _write(path: Path, doc: Any) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def deploy_settings(settings: Any, kind: str, label: str, endpoint: str | None, fresh: Mapping[str, Any]) -> Any:
+    """What a `broker deploy KIND [--name NAME]` deploys from: the [KIND] section (no name, or the kind's own),
+    ``[endpoints.NAME]`` when it exists (it must be of this kind; ``label`` names the kind in the error), else a
+    new endpoint: the section's deploy defaults with ``fresh`` over them (what must not carry over from the
+    section's own endpoint: its id, app or deployment)."""
+    from broker.errors import ConfigurationError
+    from broker.providers.endpoints import norm
+
+    section = getattr(settings, kind)
+    if endpoint is None or endpoint == kind:
+        return section
+    for found, cfg in settings.endpoints.items():
+        if norm(found) == norm(endpoint):
+            if cfg.kind != kind:
+                raise ConfigurationError(f"[endpoints.{found}] is a {cfg.kind} endpoint, not a {label} one")
+            return cfg
+    return section.model_copy(update=dict(fresh))
+
+
+def record_endpoint(path: Path, kind: str, endpoint: str | None, values: Mapping[str, Any],
+                    named: Mapping[str, Any] | None = None) -> Path:
+    """Record a deploy: ``values`` in [KIND] (no name, or the kind's own), else in ``[endpoints.NAME]`` with its
+    kind and ``named`` (what routing needs to know of it), and the name added to ``manager.providers`` when the
+    file lists them, so the new endpoint is routed."""
+    if endpoint is None or endpoint == kind:
+        return update_section(path, kind, values)
+    update_section(path, ("endpoints", endpoint), {"kind": kind, **values, **(named or {})})
+    return add_to_list(path, ("manager", "providers"), endpoint, only_if_present=True)

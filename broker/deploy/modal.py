@@ -77,19 +77,11 @@ class ModalDeployPlan:
 
 
 def endpoint_section(settings: Settings, endpoint: str | None) -> Any:
-    """What to deploy from: [endpoints.NAME] when it exists (it must be a Modal one), else the [modal]
-    section's deploy defaults; a new named endpoint's app is named after it, so it does not replace the
-    [modal] section's app."""
-    from broker.providers.endpoints import norm
+    """What to deploy from (see ``configfile.deploy_settings``): a new named endpoint's app is named after it,
+    so it does not replace the [modal] section's app."""
+    from broker.deploy.configfile import deploy_settings
 
-    if endpoint is None or endpoint == "modal":
-        return settings.modal
-    for found, cfg in settings.endpoints.items():
-        if norm(found) == norm(endpoint):
-            if cfg.kind != "modal":
-                raise ConfigurationError(f"[endpoints.{found}] is a {cfg.kind} endpoint, not a Modal one")
-            return cfg
-    return settings.modal.model_copy(update={"app_name": endpoint, "url": None})
+    return deploy_settings(settings, "modal", "Modal", endpoint, {"app_name": endpoint, "url": None})
 
 
 def plan_from_settings(settings: Settings, *, endpoint: str | None = None, **overrides: Any) -> ModalDeployPlan:
@@ -169,13 +161,11 @@ def record(result: ModalDeployResult, path: Path, endpoint: str | None = None,
     """Write the deployed names (and URL) into [modal] of the config at ``path``, or into
     ``[endpoints.NAME]`` (with its kind and hardware, and added to ``manager.providers`` when the file lists
     them, so the new endpoint is routed)."""
-    from broker.deploy.configfile import add_to_list, update_section
+    from broker.deploy.configfile import record_endpoint
 
     values: dict[str, Any] = {"app_name": result.app_name, "class_name": result.class_name, "url": result.url}
-    if endpoint is None or endpoint == "modal":
-        return update_section(path, "modal", values)
-    values = {"kind": "modal", **values}
-    if plan is not None:
-        values.update(hardware=plan.hardware, **({"environment": plan.environment} if plan.environment else {}))
-    update_section(path, ("endpoints", endpoint), {k: v for k, v in values.items() if v is not None})
-    return add_to_list(path, ("manager", "providers"), endpoint, only_if_present=True)
+    if endpoint is not None and endpoint != "modal":
+        values = {k: v for k, v in values.items() if v is not None}
+    named = {} if plan is None else {"hardware": plan.hardware,
+                                     **({"environment": plan.environment} if plan.environment else {})}
+    return record_endpoint(path, "modal", endpoint, values, named)

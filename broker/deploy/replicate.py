@@ -221,26 +221,17 @@ def image_requirements() -> list[str]:
 
 
 def endpoint_section(settings: Any, endpoint: str | None) -> Any:
-    """What to deploy from: [endpoints.NAME] when it exists (it must be a Replicate one), else the
-    [replicate] section's settings (a new named endpoint starts from them, without their deployment)."""
-    from broker.providers.endpoints import norm
+    """What to deploy from (see ``configfile.deploy_settings``): a new named endpoint starts from the
+    [replicate] section's settings, without their deployment."""
+    from broker.deploy.configfile import deploy_settings
 
-    if endpoint is None:
-        return settings.replicate
-    for found, cfg in settings.endpoints.items():
-        if norm(found) == norm(endpoint):
-            if cfg.kind != "replicate":
-                raise ConfigurationError(f"[endpoints.{found}] is a {cfg.kind} endpoint, not a Replicate one")
-            return cfg
-    return settings.replicate.model_copy(update={"deployment": None, "model": None, "version": None})
+    return deploy_settings(settings, "replicate", "Replicate", endpoint,
+                           {"deployment": None, "model": None, "version": None})
 
 
 def write_config(path: Path, endpoint: str | None, values: dict[str, Any]) -> Path:
-    """Set ``values`` in ``[replicate]`` of the TOML config (or in ``[endpoints.NAME]``, with its kind, and added
-    to ``manager.providers`` when the file lists them), keeping its comments and layout."""
-    from broker.deploy.configfile import add_to_list, update_section
+    """Set ``values`` in ``[replicate]`` of the TOML config, or in ``[endpoints.NAME]`` (see
+    ``configfile.record_endpoint``), keeping its comments and layout."""
+    from broker.deploy.configfile import record_endpoint
 
-    if endpoint is None:
-        return update_section(path, "replicate", values)
-    update_section(path, ("endpoints", endpoint), {"kind": "replicate", **values})
-    return add_to_list(path, ("manager", "providers"), endpoint, only_if_present=True)
+    return record_endpoint(path, "replicate", endpoint, values)

@@ -377,16 +377,14 @@ def write_endpoint_id(path: Path, endpoint_id: str, endpoint: str | None = None,
     with kind, endpoint_id and what routing needs to know of it (hardware, engines, workers_max); and
     when the file lists ``manager.providers`` the name is added, so the new endpoint is routed.
     """
-    from broker.deploy.configfile import add_to_list, update_section
+    from broker.deploy.configfile import record_endpoint
 
     values: dict[str, Any] = {"endpoint_id": endpoint_id}
-    if endpoint is None or endpoint == "runpod":
-        if options is not None and options.cpu:  # a CPU endpoint is priced as one, not as the GPU default
-            values.update(hardware=options.hardware, compute_type="CPU")
-        return update_section(path, "runpod", values)
-    values = {"kind": "runpod", **values}
+    named: dict[str, Any] = {}
     if options is not None:
-        values.update(hardware=options.hardware, engines=[options.engine], workers_max=options.workers_max,
-                      compute_type=options.compute_type)
-    update_section(path, ("endpoints", endpoint), values)
-    return add_to_list(path, ("manager", "providers"), endpoint, only_if_present=True)
+        named = {"hardware": options.hardware, "engines": [options.engine], "workers_max": options.workers_max,
+                 "compute_type": options.compute_type}
+        if options.cpu and (endpoint is None or endpoint == "runpod"):
+            # a CPU endpoint is priced as one, not as the GPU default
+            values.update(hardware=options.hardware, compute_type="CPU")
+    return record_endpoint(path, "runpod", endpoint, values, named)
