@@ -19,14 +19,13 @@ module should stay light and import its heavy libraries (torch, ...) in ``load()
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import logging
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker import entry_points
 from broker.errors import EngineUnavailable, InvalidRequest
 
 if TYPE_CHECKING:
@@ -44,10 +43,9 @@ BUILTIN: dict[str, str] = {
 }
 
 
-@functools.lru_cache(maxsize=1)
 def _entry_points() -> dict[str, str]:
     """Installed plugins (read once per process: installing a package means restarting)."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP) if ep.name not in BUILTIN}
+    return {k: v for k, v in entry_points.group(GROUP).items() if k not in BUILTIN}
 
 
 def plugins(cfg: EngineSettings) -> dict[str, str]:

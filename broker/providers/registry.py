@@ -8,13 +8,12 @@ the ``broker.providers`` entry-point group.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+from broker import entry_points
 from broker.errors import ProviderNotInstalled, UnknownProvider
 
 if TYPE_CHECKING:
@@ -64,19 +63,14 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
-@functools.lru_cache(maxsize=1)
 def _entry_point_entries() -> dict[str, Entry]:
-    # Scanning installed distributions costs tens of ms, and managers are built often: once per process
-    # (``refresh()`` after installing a plugin into a running process).
-    found: dict[str, Entry] = {}
-    for ep in entry_points(group="broker.providers"):
-        found[ep.name] = Entry(ep.value, f"pip install the package providing {ep.name!r}", "plugin")
-    return found
+    return {name: Entry(value, f"pip install the package providing {name!r}", "plugin")
+            for name, value in entry_points.group("broker.providers").items()}
 
 
 def refresh() -> None:
     """Forget the plugin kinds found so far (they are looked up again on next use)."""
-    _entry_point_entries.cache_clear()
+    entry_points.forget()
 
 
 def names() -> list[str]:
