@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sqlite3
@@ -50,6 +51,7 @@ def build_app(command: str | None = None) -> typer.Typer:
 
 def _preflight(ctx: typer.Context) -> None:
     """Run speech and talking-head rendering on the cheapest healthy GPU provider."""
+    _start_collecting()
     if "--help" in sys.argv[1:] or ctx.resilient_parsing:
         return  # help needs no configuration
     from broker.cli.common import preflight
@@ -57,8 +59,27 @@ def _preflight(ctx: typer.Context) -> None:
     preflight(ctx.invoked_subcommand)
 
 
+def _start_collecting() -> None:
+    """The command is about to run: what start-up built lives to the end, so move it out of the collector's
+    sight (``gc.freeze``) and collect from here on only what the command itself allocates."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def main() -> None:
     """The console script: nothing escapes as a traceback, whichever command raised it."""
+    # Start-up (the command's module, pydantic's schemas, numpy, Typer's command tree) allocates ~10^5
+    # objects that all live until exit; the cyclic collector walked them over and over, ~90 ms of a
+    # `broker speak "Hi."` on a 2-core box (gc.callbacks). No collection until the command starts.
+    gc.disable()
+    try:
+        _main()
+    finally:
+        _start_collecting()
+
+
+def _main() -> None:
     from pydantic import ValidationError
 
     from broker.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, err, one_line
