@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.engines import cache
+from broker.engines.heap import release_free_heap
 from broker.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def load_voice(model_path: Path, *, alignments: bool, use_cuda: bool) -> Any:
         raise
     except Exception as exc:
         raise EngineUnavailable(f"could not load Piper voice {model_path.name}: {exc}") from None
+    release_free_heap()  # the parsed model, copied into tensors and freed
     log.debug("loaded %s%s in %.0f ms", model_path.name, " with alignments" if alignments else "",
               1000 * (time.perf_counter() - started))
     return voice
