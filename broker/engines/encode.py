@@ -5,7 +5,12 @@ The MP4 is fragmented (``frag_keyframe+empty_moov``) so it can be streamed while
 it is written; ``delay_moov`` is added because without it the fragmented muxer
 cannot record the AAC encoder's priming delay (1024 samples) in an edit list, and
 the audio would start ~43 ms late. Video frames arrive as YUV 4:2:0 planes, so the
-encoder never converts colour; audio is interleaved as the frames go in.
+encoder never converts colour.
+
+The whole audio track is known before the first frame, so a thread encodes it to AAC beside the
+video (PyAV lets go of the GIL inside the encoders): AAC is about a third of a 10 s render's
+encoding time on two cores, and x264's frame threads leave room. Its packets are muxed as the frames
+go in, never behind the video, so every fragment carries both.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class Mp4Writer:
         self.width, self.height = width, height
         self.rate = frame_rate(fps)
         self._audio_samples, self._audio_rate = _aac_input(audio)
-        self._audio_done = 0
+        self._aac: _AudioEncoder | None = None
         self._frames = 0
         self._packed = np.empty(width * height * 3 // 2, dtype=np.uint8)
         self.codec = "libx264"
@@ -111,6 +116,8 @@ class Mp4Writer:
         self._audio.bit_rate = 96_000
         # opens both encoders now, so a codec that cannot run fails here rather than mid-video
         self._container.start_encoding()
+        self._aac = _AudioEncoder(self._audio, self._audio_samples, self._audio_rate)
+        self._aac.start()
 
     @property
     def frames(self) -> int:
@@ -129,33 +136,83 @@ class Mp4Writer:
         self._container.mux(self._video.encode(frame))
         self._frames += 1
         # keep audio level with video so every fragment carries both
-        self._feed_audio(until_s=float(self._frames / self.rate))
+        self._mux_audio(until_sample=int(self._frames * self._audio_rate / self.rate))
 
-    def _feed_audio(self, until_s: float | None) -> None:
-        av = _av()
-        total = len(self._audio_samples)
-        end = total if until_s is None else min(total, int(float(until_s) * self._audio_rate))
-        while self._audio_done < end and (until_s is None or end - self._audio_done >= _AAC_FRAME):
-            chunk = self._audio_samples[self._audio_done : self._audio_done + _AAC_FRAME]
-            frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
-            frame.sample_rate = self._audio_rate
-            frame.pts = self._audio_done
-            frame.time_base = Fraction(1, self._audio_rate)
-            self._container.mux(self._audio.encode(frame))
-            self._audio_done += len(chunk)
+    def _mux_audio(self, until_sample: int | None) -> None:
+        assert self._aac is not None
+        for packet in self._aac.take(until_sample):
+            self._container.mux(packet)
 
     def finish(self) -> bytes:
         self._container.mux(self._video.encode(None))
-        self._feed_audio(until_s=None)
-        self._container.mux(self._audio.encode(None))
+        self._mux_audio(until_sample=None)
         self._container.close()
         return self._buf.getvalue()
 
     def abort(self) -> None:
+        if self._aac is not None:
+            self._aac.stop()
         try:
             self._container.close()
         except Exception:  # closing a half-written container can fail; nothing to save
             pass
+
+
+class _AudioEncoder(threading.Thread):
+    """The whole track to AAC packets, frame by frame, on its own thread; ``take`` hands over what is done."""
+
+    def __init__(self, stream: Any, samples: np.ndarray, rate: int) -> None:
+        super().__init__(name="broker-aac", daemon=True)
+        self._stream, self._samples, self._rate = stream, samples, rate
+        self._cond = threading.Condition()
+        self._packets: list[Any] = []
+        self._encoded = 0  # samples handed to the encoder so far
+        self._finished = False
+        self._stopped = False
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        av = _av()
+        total = len(self._samples)
+        try:
+            for start in range(0, total, _AAC_FRAME):
+                if self._stopped:
+                    return
+                chunk = self._samples[start : start + _AAC_FRAME]
+                frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+                frame.sample_rate = self._rate
+                frame.pts = start
+                frame.time_base = Fraction(1, self._rate)
+                packets = self._stream.encode(frame)
+                with self._cond:
+                    self._packets.extend(packets)
+                    self._encoded = start + len(chunk)
+                    self._cond.notify_all()
+            packets = self._stream.encode(None)  # drain the encoder's delay
+            with self._cond:
+                self._packets.extend(packets)
+        except BaseException as exc:  # handed to the writer's thread by take()
+            with self._cond:
+                self._error = exc
+        finally:
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def take(self, until_sample: int | None) -> list[Any]:
+        """The packets encoded so far, once the encoder has taken in audio up to ``until_sample`` (None: all)."""
+        want = len(self._samples) if until_sample is None else min(until_sample, len(self._samples))
+        with self._cond:
+            self._cond.wait_for(lambda: self._finished if until_sample is None
+                                else self._finished or self._encoded >= want)
+            if self._error is not None:
+                raise EngineUnavailable(f"the AAC encoder failed: {self._error}") from self._error
+            packets, self._packets = self._packets, []
+        return packets
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.join()
 
 
 def _aac_input(audio: Audio) -> tuple[np.ndarray, int]:
