@@ -201,10 +201,11 @@ def resample(samples: np.ndarray, src: float, dst: float) -> np.ndarray:
 class AudioChunk:
     """One piece of a streamed synthesis; ``index`` counts from 0, ``final`` marks the end of the stream.
 
-    A stream ends with a ``final`` chunk. From the manager and the local provider it is an empty
-    end-of-stream marker (``is_end``) sent after the last piece, so no piece waits for the next one
-    to be known last; other providers may put ``final`` on their last piece instead. Consumers that
-    play or join the audio need not care: the marker holds no samples.
+    A stream ends with a ``final`` chunk. From the manager, the local provider and a broker worker
+    (what every built-in adapter reads) it is an empty end-of-stream marker (``is_end``) sent after the
+    last piece, so no piece waits for the next one to be known last; a custom handler may put ``final``
+    on its last piece instead. Consumers that play or join the audio need not care: the marker holds no
+    samples.
     """
 
     audio: Audio

@@ -23,6 +23,10 @@ Stream chunk (one per yielded item)::
 
     {"v": 1, "id": "…", "chunk": {"index": 0, "final": false, "text": "…", "audio": MEDIA}}
 
+A broker worker sends each piece as it is made and ends with a chunk of its own: ``final: true``,
+``text: ""`` and no samples (a WAV header), one index past the last piece. Readers also take a
+``final`` piece that carries audio (a custom handler's last piece) as the end.
+
 MEDIA is ``{"b64": "…", "mime": "audio/flac"}`` or ``{"url": "https://…", "mime": …}``.
 Handlers that are given a URL fetch it themselves; adapters choose URL when the
 provider's payload limit would be exceeded.

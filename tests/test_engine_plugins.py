@@ -178,7 +178,7 @@ async def test_worker_serves_the_plugin(plugin_worker: str) -> None:
         audio = await worker.arun(SpeechRequest(text="Served. By the worker.", engine="tone", speaker=1))
         _is_tone(audio, 300.0)
         chunks = [c async for c in worker.astream_speech("First. Second.", engine="tone")]
-        assert [c.text for c in chunks] == ["First", "Second."]
+        assert [c.text for c in chunks] == ["First", "Second.", ""] and chunks[-1].is_end  # then the end marker
 
 
 @pytest.mark.slow
@@ -197,7 +197,7 @@ async def test_runpod_sdk_worker_serves_the_plugin_through_the_manager(plugin_en
         _is_tone(audio, 150.0)
         assert audio.report is not None and audio.report.provider == "runpod"
         chunks = [c async for c in rp.astream_speech("Streamed. Too.", engine="tone")]
-        assert [c.text for c in chunks] == ["Streamed", "Too."]
+        assert [c.text for c in chunks] == ["Streamed", "Too.", ""] and chunks[-1].is_end
         await manager.aclose()
     finally:
         emu.stop()

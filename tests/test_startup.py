@@ -329,3 +329,27 @@ def test_the_cache_folder_comes_from_settings_then_the_environment(tmp_path: Pat
         assert cache.folder() == tmp_path / "xdg" / "broker"
     finally:
         engines.configure(None)
+
+
+def test_the_worker_sends_the_first_piece_before_the_engine_makes_the_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What every handler streams (RunPod, Modal, Cog, `broker worker serve`): no piece waits for the next."""
+    from broker import engines, wire
+    from broker.types import build
+    from broker.worker import handle_stream
+    from tests.test_manager import TEXT
+
+    gated = _GatedEngine()
+    monkeypatch.setitem(engines._engines, "piper", gated)
+    stream = handle_stream(wire.encode_request(build(SpeechRequest, text=TEXT), stream=True))
+    got: dict[str, object] = {}
+    reader = threading.Thread(target=lambda: got.update(first=next(stream)), daemon=True)
+    reader.start()
+    reader.join(8)  # held back until the engine made the next piece, it would still be waiting on the gate
+    assert "first" in got
+    index, final, audio, _ = wire.decode_chunk(got["first"])
+    assert (index, final, len(audio)) == (0, False, 2 * SAMPLE_RATE)
+    gated.gate.set()
+    rest = [wire.decode_chunk(p) for p in stream]
+    # then the second piece, and the end: a chunk of its own, final, with no samples and no words
+    assert [(i, f, len(a)) for i, f, a, _ in rest] == [(1, False, 2 * SAMPLE_RATE), (2, True, 0)]
+    assert rest[-1][3] == "" and rest[-1][2].sample_rate == audio.sample_rate

@@ -16,7 +16,7 @@ from typing import Any
 
 from broker import engines, wire
 from broker.errors import InvalidRequest
-from broker.media import Audio
+from broker.media import Audio, AudioChunk
 from broker.types import DEFAULT_LIMITS, Limits, RenderRequest, SpeechRequest
 from broker.worker.fetch import FetchPolicy, MediaFetcher
 
@@ -87,24 +87,24 @@ def handle_stream(
     limits: Limits = DEFAULT_LIMITS,
     fetch_policy: FetchPolicy | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Speech as chunk payloads (the last has ``final: true``); an error ends the stream as an error payload."""
+    """Speech as chunk payloads, each sent as soon as it is made, then an empty one with ``final: true``; an
+    error ends the stream as an error payload."""
     job_id = (payload.get("id") if isinstance(payload, dict) else None) or wire.new_job_id()
     fmt = _audio_format(payload)
     try:
         request = parse(payload, limits, fetch_policy)
         if not isinstance(request, SpeechRequest):
             raise InvalidRequest("task", "only speech jobs stream")
-        pending: Audio | None = None
-        index = 0
+        index, rate = 0, None
         for piece in engines.synthesize_stream(request, cancel):
-            # Hold one piece back so the last chunk can be marked final.
-            if pending is not None:
-                yield wire.encode_chunk(job_id, index, pending, final=False, text=pending.text, audio_format=fmt)
-                index += 1
-            pending = piece
-        if pending is None:
+            # each piece goes out the moment the engine makes it: none waits to learn whether it is the last
+            yield wire.encode_chunk(job_id, index, piece, final=False, text=piece.text, audio_format=fmt)
+            index, rate = index + 1, piece.sample_rate
+        if rate is None:
             raise _nothing_spoken()
-        yield wire.encode_chunk(job_id, index, pending, final=True, text=pending.text, audio_format=fmt)
+        # the end has a chunk of its own: final, no samples, no words (as WAV: an empty FLAC is no file)
+        end = AudioChunk.end(index, rate)
+        yield wire.encode_chunk(job_id, index, end.audio, final=True, text=end.text, audio_format="wav")
     except Exception as exc:
         if not isinstance(exc, InvalidRequest):
             log.exception("stream %s failed", job_id)

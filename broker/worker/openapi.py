@@ -133,7 +133,7 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
             "/run": {"post": _job_operation("Run one job; answers its result payload",
                                             {"description": "the result", "content": result})},
             "/stream": {"post": _job_operation("Run one speech job; answers one JSON chunk per line",
-                                               {"description": "chunks, the last with final: true",
+                                               {"description": "chunks as made, then an empty one, final: true",
                                                 "content": chunks})},
         },
         "components": {

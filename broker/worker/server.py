@@ -6,7 +6,7 @@ Routes (the same on `broker worker serve` and on the Modal app's ASGI endpoint):
     GET  /ready    200 once the engines are loaded, else 503 (no key needed: readiness probes)
     GET  /metrics  Prometheus text: queue depth, slots, job seconds, engine load time (key needed)
     POST /run      one wire job (JSON) -> its result payload
-    POST /stream   one speech job -> newline-delimited JSON chunk payloads, the last with "final": true
+    POST /stream   one speech job -> newline-delimited JSON chunk payloads, as made, then an empty "final": true
 
 Errors are wire error payloads (``{"ok": false, "error": {...}}``) with a matching status:
 400 unreadable JSON, 401 missing/wrong key, 413 body over the limit, 422 invalid request,
