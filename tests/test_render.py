@@ -22,17 +22,9 @@ from broker.media import SAMPLE_RATE, Audio, PhonemeTiming, Video, frames_for  #
 from broker.providers.local import LocalProvider  # noqa: E402
 from broker.types import RenderRequest, build  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
+from tests.media_support import speechlike  # noqa: E402
 
 GARBAGE_PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
-
-
-def speechlike(seconds: float, seed: int = 0) -> Audio:
-    """Syllable-rate bursts of a voiced buzz with pauses: loud and silent parts, like speech."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    syllables = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 0.5
-    buzz = np.sign(np.sin(2 * np.pi * 140 * t)) * 0.25 + rng.normal(0, 0.02, len(t))
-    return Audio((buzz * syllables).astype(np.float32))
 
 
 def png(image: np.ndarray) -> bytes:

@@ -23,6 +23,7 @@ from broker.providers.base import BackgroundJob, Billing, Job, JobState, Request
 from broker.testing.fake import FakeProvider
 from broker.types import SpeechRequest
 from tests.conftest import ROOT
+from tests.media_support import speechlike
 
 #: what `broker speak` must not import: the render stack, torch, and the onnx package behind alignments
 RENDER_OR_ALIGNMENT = ("torch", "cv2", "av", "onnx", "transformers")
@@ -35,14 +36,6 @@ def _modules_after(code: str, env: dict[str, str] | None = None) -> tuple[list[s
                          env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
-
-
-def _speechlike(seconds: float, seed: int = 0) -> Audio:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    syllables = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 0.5
-    buzz = np.sign(np.sin(2 * np.pi * 140 * t)) * 0.25 + rng.normal(0, 0.02, len(t))
-    return Audio((buzz * syllables).astype(np.float32))
 
 
 # -- load only what the job needs ------------------------------------------------------------------
@@ -123,7 +116,7 @@ def test_second_render_of_an_avatar_skips_detection_and_warping(tmp_path: Path) 
     avatar = tmp_path / "face.png"
     avatar.write_bytes(cv2.imencode(".png", image)[1].tobytes())
     wav = tmp_path / "speech.wav"
-    _speechlike(1.2).save(wav)
+    speechlike(1.2).save(wav)
     env = {"BROKER_CACHE_DIR": str(tmp_path / "cache")}
     runs = []
     for i in range(2):
@@ -168,7 +161,7 @@ class _GatedJob(BackgroundJob):
     def __init__(self, provider: _GatedProvider, request: Request) -> None:
         super().__init__(provider.name, uuid.uuid4().hex, request)
         self._gate = provider.gate
-        self._pieces = [_speechlike(2.0, seed=1), _speechlike(2.0, seed=2)]
+        self._pieces = [speechlike(2.0, seed=1), speechlike(2.0, seed=2)]
         self._streamed = asyncio.Event()
         self._start()
 
@@ -244,10 +237,10 @@ class _GatedEngine(SpeechEngine):
         return ["gated"]
 
     def stream(self, request: SpeechRequest, cancel: threading.Event | None = None) -> Iterator[Audio]:
-        yield _speechlike(2.0, seed=3)
+        yield speechlike(2.0, seed=3)
         if not self.gate.wait(10):
             raise TimeoutError("nobody asked for the second piece")
-        yield _speechlike(2.0, seed=4)
+        yield speechlike(2.0, seed=4)
 
 
 async def test_local_provider_passes_the_first_piece_on_before_the_engine_makes_the_second(
@@ -277,7 +270,7 @@ def test_libx264_encodes_with_frame_threads_at_the_same_crf_and_preset() -> None
     av = pytest.importorskip("av")
     from broker.engines import encode
 
-    audio = _speechlike(1.0)
+    audio = speechlike(1.0)
     writer = encode.Mp4Writer(96, 64, 25, audio, try_nvenc=False)
     rng = np.random.default_rng(0)
     for _ in range(25):

@@ -13,8 +13,8 @@ import threading
 import numpy as np
 import pytest
 
-from broker.media import SAMPLE_RATE, Audio
 from tests.conftest import ROOT
+from tests.media_support import speechlike
 
 
 def _probe(code: str, *args: str) -> dict[str, object]:
@@ -112,19 +112,13 @@ def _boxes(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[by
     return found
 
 
-def _speechlike(seconds: float) -> Audio:
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    syllables = np.clip(np.sin(2 * np.pi * 3.0 * t), 0, None) ** 0.5
-    return Audio((0.3 * np.sign(np.sin(2 * np.pi * 140 * t)) * syllables).astype(np.float32))
-
-
 def test_audio_encoded_beside_the_video_is_whole_and_every_fragment_carries_both() -> None:
     av = pytest.importorskip("av")
     import io
 
     from broker.engines import encode
 
-    audio = _speechlike(6.4)
+    audio = speechlike(6.4)
     writer = encode.Mp4Writer(64, 64, 25, audio, try_nvenc=False)
     grey = np.full((32, 32), 128, np.uint8)
     for i in range(160):
@@ -138,7 +132,7 @@ def test_audio_encoded_beside_the_video_is_whole_and_every_fragment_carries_both
         decoded = np.concatenate([f.to_ndarray().ravel() for f in container.decode(audio=0)])
     # the whole track (AAC pads to its 1024-sample frames), and sound, not silence
     assert len(audio.samples) <= len(decoded) < len(audio.samples) + 2 * 1024
-    assert float(np.sqrt(np.mean(decoded ** 2))) > 0.1
+    assert float(np.sqrt(np.mean(decoded ** 2))) > 0.07  # the input's is ~0.14
     assert not any(t.name == "broker-aac" for t in threading.enumerate())
 
 
@@ -146,7 +140,7 @@ def test_an_aborted_writer_stops_its_audio_encoder() -> None:
     pytest.importorskip("av")
     from broker.engines import encode
 
-    writer = encode.Mp4Writer(64, 64, 25, _speechlike(30.0), try_nvenc=False)
+    writer = encode.Mp4Writer(64, 64, 25, speechlike(30.0), try_nvenc=False)
     grey = np.full((32, 32), 128, np.uint8)
     writer.write(np.zeros((64, 64), np.uint8), grey, grey)
     writer.abort()
