@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         [sys.executable, "-m", "broker", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+def modules_after(code: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> tuple[set[str], str]:
+    """Run ``code`` in a fresh interpreter; the full name of every module imported by its end, and its stderr.
+    ``env`` is laid over this environment, less the variables whose names start with one of ``drop``."""
+    probe = code + "\nimport json as _json, sys as _sys\nprint(_json.dumps(sorted(_sys.modules)))\n"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**base, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1])), out.stderr
 
 
 @pytest.fixture(scope="session")

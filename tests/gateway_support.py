@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI, Request
 
 from broker.gateway.outputs import DirectoryOutputs
 from broker.gateway.server import build_app
@@ -46,3 +48,19 @@ def wait_state(client: httpx.Client, job_id: str, states: tuple[str, ...] = ("su
 
 
 SPEECH = {"kind": "speech", "input": {"text": "Chapter one. It was a bright cold day in April.", "speaker": 0}}
+
+
+class WebhookReceiver:
+    """An app (``app``) that answers POST /hook and keeps each delivery as (headers, body) in arrival order
+    (``received``); ``got`` is set when the first arrives."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.got = threading.Event()
+        self.app = FastAPI()
+
+        @self.app.post("/hook")
+        async def _hook(request: Request) -> dict[str, Any]:
+            self.received.append((dict(request.headers), await request.body()))
+            self.got.set()
+            return {"ok": True}

@@ -7,19 +7,17 @@ import io
 import json
 import threading
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import soundfile as sf
-from fastapi import FastAPI, Request
 
 from broker.gateway.db import open_database
 from broker.gateway.server import open_tables
 from broker.gateway.webhooks import verify
 from broker.testing.asgi_server import LoopbackServer
 from broker.testing.fake import FakeProvider
-from tests.gateway_support import SPEECH, fake_manager, gateway_app, wait_state
+from tests.gateway_support import SPEECH, WebhookReceiver, fake_manager, gateway_app, wait_state
 
 
 @pytest.fixture
@@ -133,15 +131,8 @@ def test_delete_cancels_at_the_provider(tmp_path: Path) -> None:
 
 
 def test_webhook_arrives_once_signed(tmp_path: Path) -> None:
-    received: list[tuple[dict[str, str], bytes]] = []
-    got = threading.Event()
-    hook = FastAPI()
-
-    @hook.post("/hook")
-    async def _hook(request: Request) -> dict[str, Any]:
-        received.append((dict(request.headers), await request.body()))
-        got.set()
-        return {"ok": True}
+    webhook = WebhookReceiver()
+    hook, received, got = webhook.app, webhook.received, webhook.got
 
     manager = fake_manager(tmp_path, FakeProvider("fast", usd_per_second=0.001))
     with LoopbackServer(hook) as receiver, \
@@ -216,15 +207,8 @@ def test_book_bad_input_is_refused_before_anything_runs(server: LoopbackServer) 
 
 
 def test_a_books_webhook_is_sent_when_it_ends_not_at_the_next_sweep(tmp_path: Path) -> None:
-    received: list[bytes] = []
-    got = threading.Event()
-    hook = FastAPI()
-
-    @hook.post("/hook")
-    async def _hook(request: Request) -> dict[str, Any]:
-        received.append(await request.body())
-        got.set()
-        return {"ok": True}
+    webhook = WebhookReceiver()
+    hook, received, got = webhook.app, webhook.received, webhook.got
 
     manager = fake_manager(tmp_path, FakeProvider("fast", usd_per_second=0.001))
     chapters = [{"title": "One", "text": " ".join(f"Sentence {j} goes on for a while." for j in range(30))}]
@@ -236,4 +220,4 @@ def test_a_books_webhook_is_sent_when_it_ends_not_at_the_next_sweep(tmp_path: Pa
                                        "webhook_url": f"{receiver.url}/hook"}).json()
         assert wait_state(c, job["id"])["state"] == "succeeded"
         assert got.wait(10), "the book's completion was left to the sweep"
-    assert json.loads(received[0])["id"] == job["id"]
+    assert json.loads(received[0][1])["id"] == job["id"]

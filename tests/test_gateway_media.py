@@ -8,98 +8,43 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
-from broker.media import SAMPLE_RATE, Audio
 from broker.settings import Settings
 from broker.testing.asgi_server import LoopbackServer
 from broker.testing.fake import FakeProvider
 from broker.worker.fetch import UNREACHABLE, FetchPolicy
 from tests.gateway_support import fake_manager, gateway_app, wait_state
+from tests.http_support import TONE_FLAC, MediaHost, serving
 
 FACE = resources.files("broker").joinpath("assets/avatar.jpg").read_bytes()
-_TONE = (0.3 * np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
-VOICE = Audio(_TONE).to_bytes("flac")  # one second
 #: the gateway's per-URL cap in these tests; /big sends more than this without declaring a length
 CAP = 256 * 1024
 
 
-class MediaHost(ThreadingHTTPServer):
-    """Serves the test media on ``host``; ``redirect_to`` is where /elsewhere sends the client."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.requests: list[str] = []
-        self.redirect_to = ""
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"  # /big ends by closing: no length to refuse it by
-
-            def do_GET(self) -> None:
-                server.requests.append(self.path)
-                routes: dict[str, tuple[str, bytes]] = {
-                    "/face.jpg": ("image/jpeg", FACE), "/voice.flac": ("audio/flac", VOICE),
-                    "/page.html": ("text/html", b"<html><body>not a face</body></html>")}
-                if self.path in routes:
-                    ctype, data = routes[self.path]
-                    self.send_response(200)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                elif self.path == "/big":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
-                    self.end_headers()
-                    for _ in range(4 * CAP // len(FACE) + 1):
-                        self.wfile.write(FACE)
-                elif self.path in ("/hop", "/elsewhere"):
-                    self.send_response(302)
-                    self.send_header("Location", "/face.jpg" if self.path == "/hop" else server.redirect_to)
-                    self.end_headers()
-                else:
-                    self.send_response(404)
-                    self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        super().__init__((host, 0), Handler)
-
-    def url(self, path: str, scheme: str = "http") -> str:
-        host, port = self.server_address[:2]
-        return f"{scheme}://{host}:{port}{path}"
-
-
-def _serve(host: str) -> Iterator[MediaHost]:
-    server = MediaHost(host)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+def _media_host(host: str) -> MediaHost:
+    page = b"<html><body>not a face</body></html>"
+    return MediaHost({"/face.jpg": ("image/jpeg", FACE), "/voice.flac": ("audio/flac", TONE_FLAC),
+                      "/page.html": ("text/html", page)},
+                     unsized={"/big": ("image/jpeg", FACE * (4 * CAP // len(FACE) + 1))},
+                     redirects={"/hop": "/face.jpg"}, host=host)  # /elsewhere: set by the test
 
 
 @pytest.fixture
 def media() -> Iterator[MediaHost]:
-    yield from _serve("127.0.0.1")
+    yield from serving(_media_host("127.0.0.1"))
 
 
 @pytest.fixture
 def inner() -> Iterator[MediaHost]:
     """Another loopback address (all of 127/8 is loopback on Linux): stands for a private service."""
-    yield from _serve("127.0.0.2")
+    yield from serving(_media_host("127.0.0.2"))
 
 
 def _gateway(tmp_path: Path, **fetch: Any) -> tuple[LoopbackServer, FakeProvider]:
@@ -186,7 +131,7 @@ def test_a_redirect_to_a_private_address_is_refused(tmp_path: Path, media: Media
     srv, fast = _gateway(tmp_path, allow_http_urls=True, allow_hosts=["127.0.0.1"])
     with srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         for target in (inner.url("/face.jpg"), "http://169.254.169.254/latest/meta-data/"):
-            media.redirect_to = target
+            media.redirects["/elsewhere"] = target
             _refused(c, _render(media.url("/elsewhere")))
     assert media.requests == ["/elsewhere", "/elsewhere"] and inner.requests == [] and fast.submits == 0
 

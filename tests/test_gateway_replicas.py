@@ -19,15 +19,13 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
 
 from broker.gateway.webhooks import verify
 from broker.testing.asgi_server import LoopbackServer
-from tests.gateway_support import wait_state
+from tests.gateway_support import WebhookReceiver, wait_state
 from tests.pg import pg_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +62,8 @@ def start_replica(tmp: Path, name: str, db: str, ledger: Path, *extra: str) -> t
 
 @pytest.mark.slow
 def test_two_replicas_1000_jobs_one_killed(tmp_path: Path) -> None:
-    received: list[tuple[dict[str, str], bytes]] = []
-    hook = FastAPI()
-
-    @hook.post("/hook")
-    async def _hook(request: Request) -> dict[str, Any]:
-        received.append((dict(request.headers), await request.body()))
-        return {"ok": True}
-
+    webhook = WebhookReceiver()
+    hook, received = webhook.app, webhook.received
     ledger = tmp_path / "ledger.sqlite"
     shared = ("--outputs", str(tmp_path / "outputs"))
     with pg_database() as db, LoopbackServer(hook) as receiver:
@@ -136,14 +128,8 @@ def test_replica_killed_after_the_provider_finished_is_not_billed_twice(tmp_path
     served, the webhook sent."""
     import psycopg
 
-    received: list[tuple[dict[str, str], bytes]] = []
-    hook = FastAPI()
-
-    @hook.post("/hook")
-    async def _hook(request: Request) -> dict[str, Any]:
-        received.append((dict(request.headers), await request.body()))
-        return {"ok": True}
-
+    webhook = WebhookReceiver()
+    hook, received = webhook.app, webhook.received
     ledger = tmp_path / "ledger.sqlite"
     shared = ("--outputs", str(tmp_path / "outputs"))
     procs: list[subprocess.Popen[bytes]] = []

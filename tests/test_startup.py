@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,20 +19,11 @@ from broker.media import SAMPLE_RATE, Audio, AudioChunk
 from broker.providers.base import BackgroundJob, Billing, Job, JobState, Request
 from broker.testing.fake import FakeProvider
 from broker.types import SpeechRequest
-from tests.conftest import ROOT
+from tests.conftest import modules_after
 from tests.media_support import speechlike
 
 #: what `broker speak` must not import: the render stack, torch, and the onnx package behind alignments
 RENDER_OR_ALIGNMENT = ("torch", "cv2", "av", "onnx", "transformers")
-
-
-def _modules_after(code: str, env: dict[str, str] | None = None) -> tuple[list[str], str]:
-    """Run ``code`` in a fresh interpreter; return the top-level packages it imported and its stderr."""
-    probe = code + "\nimport sys, json\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env={**os.environ, **(env or {})})
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
 # -- load only what the job needs ------------------------------------------------------------------
@@ -45,7 +33,7 @@ def test_speak_imports_neither_the_render_stack_nor_alignments(tmp_path: Path) -
     code = ("import sys\nfrom broker.cli import app\n"
             f"sys.argv = ['broker', 'speak', 'Hi.', '-o', {str(out)!r}]\n"
             "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n")
-    modules, _ = _modules_after(code)
+    modules, _ = modules_after(code)
     assert out.stat().st_size > 1000
     assert "piper" in modules and "onnxruntime" in modules  # the probe does see what speech loads
     assert [m for m in RENDER_OR_ALIGNMENT if m in modules] == []
@@ -121,7 +109,7 @@ def test_second_render_of_an_avatar_skips_detection_and_warping(tmp_path: Path) 
     runs = []
     for i in range(2):
         out = tmp_path / f"out{i}.mp4"
-        modules, log = _modules_after(_RENDER.format(wav=str(wav), avatar=str(avatar), out=str(out)), env)
+        modules, log = modules_after(_RENDER.format(wav=str(wav), avatar=str(avatar), out=str(out)), env)
         runs.append((modules, log, _frames(out.read_bytes())))
     (first_modules, first_log, first), (second_modules, second_log, second) = runs
     assert "detected face" in first_log and "built a" in first_log and "torch" in first_modules

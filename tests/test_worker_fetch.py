@@ -3,63 +3,24 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.media import SAMPLE_RATE, Audio
 from broker.worker import handle
 from broker.worker.fetch import UNREACHABLE, FetchPolicy, MediaFetcher
+from tests.http_support import TONE_FLAC, MediaHost, serving
 
-TONE = Audio((0.3 * np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)).to_bytes("flac")
 OPEN = FetchPolicy(allow_http=True, allow_private=True)
 
 
-class Counting(ThreadingHTTPServer):
-    """Serves /tone.flac, redirects /hop to /tone.flac, 404 otherwise; counts every request."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests.append(self.path)
-                if self.path == "/tone.flac":
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(TONE)))
-                    self.end_headers()
-                    self.wfile.write(TONE)
-                elif self.path == "/hop":
-                    self.send_response(302)
-                    self.send_header("Location", "/tone.flac")
-                    self.end_headers()
-                else:
-                    self.send_response(404)
-                    self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-
 @pytest.fixture
-def loopback() -> Iterator[Counting]:
-    server = Counting()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+def loopback() -> Iterator[MediaHost]:
+    """Serves /tone.flac, redirects /hop to it, 404 otherwise; records every request."""
+    yield from serving(MediaHost({"/tone.flac": (None, TONE_FLAC)}, redirects={"/hop": "/tone.flac"}))
 
 
 def _speech_with_context(*urls: str) -> dict[str, Any]:
@@ -72,7 +33,7 @@ def _error(result: dict[str, Any]) -> dict[str, Any]:
     return dict(result["error"])
 
 
-def test_loopback_urls_are_never_requested_by_default(loopback: Counting) -> None:
+def test_loopback_urls_are_never_requested_by_default(loopback: MediaHost) -> None:
     port = loopback.server_address[1]
     urls = [f"http://127.0.0.1:{port}/tone.flac", f"https://127.0.0.1:{port}/tone.flac",
             f"https://localhost:{port}/tone.flac", f"https://[::ffff:127.0.0.1]:{port}/x",
@@ -83,7 +44,7 @@ def test_loopback_urls_are_never_requested_by_default(loopback: Counting) -> Non
     assert loopback.requests == []
 
 
-def test_limits_are_checked_before_any_fetch(loopback: Counting) -> None:
+def test_limits_are_checked_before_any_fetch(loopback: MediaHost) -> None:
     url = f"http://127.0.0.1:{loopback.server_address[1]}/tone.flac"
     error = _error(handle(_speech_with_context(*[url] * 40), fetch_policy=OPEN))
     assert error["field"] == "input.context" and "over the limit" in error["message"]
@@ -92,9 +53,9 @@ def test_limits_are_checked_before_any_fetch(loopback: Counting) -> None:
     assert loopback.requests == []
 
 
-def test_allowed_private_fetch_follows_redirects_and_caps_size(loopback: Counting) -> None:
+def test_allowed_private_fetch_follows_redirects_and_caps_size(loopback: MediaHost) -> None:
     base = f"http://127.0.0.1:{loopback.server_address[1]}"
-    assert MediaFetcher(OPEN)(f"{base}/hop") == TONE
+    assert MediaFetcher(OPEN)(f"{base}/hop") == TONE_FLAC
     assert loopback.requests == ["/hop", "/tone.flac"]
     with pytest.raises(InvalidRequest, match=UNREACHABLE):
         MediaFetcher(FetchPolicy(allow_http=True, allow_private=True, max_bytes=100))(f"{base}/tone.flac")
@@ -104,7 +65,7 @@ def test_allowed_private_fetch_follows_redirects_and_caps_size(loopback: Countin
         fetcher(f"{base}/tone.flac")
 
 
-def test_errors_read_the_same_whatever_is_at_the_port(loopback: Counting) -> None:
+def test_errors_read_the_same_whatever_is_at_the_port(loopback: MediaHost) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
@@ -118,7 +79,7 @@ def test_errors_read_the_same_whatever_is_at_the_port(loopback: Counting) -> Non
     assert messages == {f"url: {UNREACHABLE}"}
 
 
-def test_the_checked_address_is_the_one_connected_and_redirects_are_rechecked(loopback: Counting) -> None:
+def test_the_checked_address_is_the_one_connected_and_redirects_are_rechecked(loopback: MediaHost) -> None:
     """DNS is asked once per hop and the request goes to that address (no rebinding between check
     and connect); a public server's redirect into loopback is refused before any request is made."""
     port = loopback.server_address[1]
