@@ -23,6 +23,7 @@ import asyncio
 import copy
 from typing import Any
 
+from broker import wire
 from broker.errors import InvalidRequest
 from broker.gateway.runner import decode_job_request
 from broker.worker.fetch import FetchPolicy, MediaFetcher
@@ -65,8 +66,6 @@ class MediaUrls:
 
 def inline(body: dict[str, Any], fetched: dict[str, bytes]) -> dict[str, Any]:
     """A copy of ``body`` with each fetched ``{"url"}`` media replaced by its bytes (the wire's MEDIA form)."""
-    import base64
-
     out = copy.deepcopy(body)
     inp = out.get("input")
     if not isinstance(inp, dict):
@@ -78,6 +77,5 @@ def inline(body: dict[str, Any], fetched: dict[str, bytes]) -> dict[str, Any]:
     for holder, name in slots:
         media = holder.get(name)
         if isinstance(media, dict) and isinstance(media.get("url"), str) and media["url"] in fetched:
-            data = fetched[media["url"]]
-            holder[name] = {"b64": base64.b64encode(data).decode("ascii"), "mime": str(media.get("mime") or "")}
+            holder[name] = wire.encode_media(fetched[media["url"]], str(media.get("mime") or ""))
     return out
