@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,15 +31,21 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     )
 
 
-def modules_after(code: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> tuple[set[str], str]:
-    """Run ``code`` in a fresh interpreter; the full name of every module imported by its end, and its stderr.
+def python_child(code: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> tuple[Any, str]:
+    """Run ``code`` in a fresh interpreter that must exit 0: (the JSON on its last line of output, its stderr).
     ``env`` is laid over this environment, less the variables whose names start with one of ``drop``."""
-    probe = code + "\nimport json as _json, sys as _sys\nprint(_json.dumps(sorted(_sys.modules)))\n"
     base = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**base, **(env or {})})
     assert out.returncode == 0, out.stderr
-    return set(json.loads(out.stdout.strip().splitlines()[-1])), out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def modules_after(code: str, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> tuple[set[str], str]:
+    """Run ``code`` in a fresh interpreter; the full name of every module imported by its end, and its stderr."""
+    probe = code + "\nimport json as _json, sys as _sys\nprint(_json.dumps(sorted(_sys.modules)))\n"
+    modules, stderr = python_child(probe, env, drop)
+    return set(modules), stderr
 
 
 @pytest.fixture(scope="session")

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import ctypes
-import json
-import os
 import struct
-import subprocess
 import sys
 import threading
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_child
 from tests.media_support import speechlike
 
 
@@ -22,11 +19,8 @@ def _probe(code: str, *args: str) -> dict[str, object]:
     object that ``code``'s ``report()`` prints at the end."""
     script = (code + "\nsys.argv = ['broker', *" + repr(list(args)) + "]\nfrom broker.cli import main\n"
               "try:\n    main()\nexcept SystemExit:\n    pass\nprint(json.dumps(report()))\n")
-    env = {**os.environ, "BROKER_CONFIG": str(ROOT / "tests" / "data" / "empty.toml")}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env=env)
-    assert out.returncode == 0, out.stderr
-    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    result, _ = python_child(script, {"BROKER_CONFIG": str(ROOT / "tests" / "data" / "empty.toml")})
+    assert isinstance(result, dict)
     return result
 
 
